@@ -1,0 +1,49 @@
+"""The `abft` command."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def run_example(args: argparse.Namespace) -> None:
+    """Label masses and the ABFT loss on a tiny random ICL-shaped problem."""
+    import abft_kernels as ak
+
+    torch.manual_seed(args.seed)
+    batch, heads, kv_heads, seq_len, head_dim, num_classes = 2, 4, 2, 24, 16, 2
+    label_positions = [5, 11, 17]  # three demonstration labels
+    q = torch.randn(batch, heads, seq_len, head_dim)
+    k = torch.randn(batch, kv_heads, seq_len, head_dim, requires_grad=True)
+    v = torch.randn(batch, kv_heads, seq_len, head_dim)
+    # Let the query rows of heads 0 and 1 (kv head 0) look at the labels, like induction heads do.
+    q[:, :2, -1] = k.detach()[:, :1, label_positions].sum(2)
+    q.requires_grad_(True)
+    key_class = torch.full((batch, seq_len), -1)
+    key_class[:, label_positions] = torch.tensor([0, 1, 0])
+    query_rows = torch.full((batch, 1), seq_len - 1)  # the query is the last token
+    target = torch.tensor([[0], [1]])
+    out, mass = ak.label_attention(q, k, v, key_class, num_classes, query_rows=query_rows, backend=args.backend)
+    loss, info = ak.abft_loss([mass], target, key_class, query_rows)
+    loss.backward()
+    print(f"backend={ak.resolve_backend(args.backend, q)}  out {tuple(out.shape)}  mass {tuple(mass.shape)}")
+    for b in range(batch):
+        for h in range(heads):
+            print(f"sample {b} head {h}: mass per class {[round(x, 4) for x in mass[b, h, 0].tolist()]}")
+    print(f"loss {loss.item():.4f}  counted heads per sample {info.counted_heads.tolist()}  "
+          f"|dL/dq| {q.grad.norm().item():.4f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="abft", description="Attention Behavior Fine-Tuning kernels and tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    example = commands.add_parser("example", help="label masses and the ABFT loss on a tiny random problem")
+    example.add_argument("--backend", default="auto")
+    example.add_argument("--seed", type=int, default=0)
+    example.set_defaults(func=run_example)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The ABFT objective (Cho et al., arXiv 2505.14233) on label-class attention masses, and the PID
+controller that steers its coefficient A."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+
+@dataclass
+class ABFTLossInfo:
+    """What the loss saw, all detached. Shapes: L layers, B samples, H heads, R rows."""
+
+    counted: torch.Tensor  # bool [L,B,H,R]: head passes the induction filter S > T (row has a target)
+    counted_heads: torch.Tensor  # float [B]: counted (layer, head) pairs per target row of each sample
+    label_mass: torch.Tensor  # [L,B,H,R]: S, the mass on all visible label tokens
+    gold_mass: torch.Tensor  # [L,B,H,R]: m_y, the mass on the gold class's label tokens
+    threshold: torch.Tensor  # [B,R]: T = k / (k + ln n_t) (inf where no label is visible)
+    has_target: torch.Tensor  # bool [B,R]
+    num_target_rows: int
+
+    @property
+    def mean_counted_heads(self) -> float:
+        """Counted heads averaged over the samples that have a target: the PID controller's input."""
+        per_sample = self.has_target.any(1)
+        if not per_sample.any():
+            return 0.0
+        return float(self.counted_heads[per_sample].mean())
+
+    @property
+    def mean_gold_mass(self) -> float:
+        """Gold-label mass averaged over every (layer, head, target row)."""
+        if self.num_target_rows == 0:
+            return 0.0
+        rows = self.has_target[None, :, None, :].expand_as(self.gold_mass)
+        return float(self.gold_mass[rows].mean())
+
+
+def _stack_masses(masses) -> torch.Tensor:
+    if isinstance(masses, torch.Tensor):
+        if masses.dim() == 4:
+            masses = masses[None]
+        if masses.dim() != 5:
+            raise ValueError(f"masses must be [L,B,H,R,C] or a sequence of [B,H,R,C], got {tuple(masses.shape)}")
+        return masses
+    masses = list(masses)
+    if not masses:
+        raise ValueError("masses is empty: give at least one layer's [B,H,R,C] mass")
+    for i, m in enumerate(masses):
+        if not isinstance(m, torch.Tensor) or m.dim() != 4:
+            raise ValueError(f"masses[{i}] must be a [B,H,R,C] tensor, got {getattr(m, 'shape', type(m))}")
+        if m.shape != masses[0].shape:
+            raise ValueError(f"masses[{i}] has shape {tuple(m.shape)}, but masses[0] has {tuple(masses[0].shape)}")
+    return torch.stack(masses)
+
+
+def visible_label_counts(key_class, num_classes, rows, key_padding_mask=None, causal=True):
+    """Per row: (n_c [B,R,C] visible label tokens of each class, n_t [B,R] real tokens up to the row).
+
+    rows [B,R] (-1 = empty slot, counts 0). Without causality every real key is visible.
+    """
+    real = torch.ones_like(key_class, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    one_hot = (key_class[:, :, None] == torch.arange(num_classes, device=key_class.device)) & real[:, :, None]
+    if causal:
+        class_counts = one_hot.long().cumsum(1)  # [B,N,C]
+        token_counts = real.long().cumsum(1)  # [B,N]
+        safe = rows.clamp(min=0)
+        n_c = class_counts.gather(1, safe[:, :, None].expand(-1, -1, num_classes))
+        n_t = token_counts.gather(1, safe)
+    else:
+        n_c = one_hot.long().sum(1, keepdim=True).expand(-1, rows.shape[1], -1)
+        n_t = real.long().sum(1, keepdim=True).expand(-1, rows.shape[1])
+    empty = rows < 0
+    return n_c.masked_fill(empty[:, :, None], 0), n_t.masked_fill(empty, 0)
+
+
+def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class, key_class, query_rows=None,
+              A: Union[float, torch.Tensor] = 0.5, B: Union[float, torch.Tensor] = 1.0,
+              key_padding_mask=None, causal: bool = True):
+    """ABFT loss summed over layers and heads, averaged over the (sample, row) pairs with a target.
+
+    For each (layer, sample, head, row): S = sum_c mass[c]; the head counts when S > T with
+    T = k / (k + ln n_t) (k label tokens visible to the row, n_t real tokens up to it); a counted head
+    adds A·(S − m_y) + B·(n_y − m_y), where y = target_class[b, r], m_y its mass and n_y its number of
+    visible label tokens. target_class [B,R] int, -1 = ignore the row. Returns (loss, ABFTLossInfo).
+    """
+    mass = _stack_masses(masses)
+    _, batch, _, num_rows, num_classes = mass.shape
+    if not mass.dtype.is_floating_point:
+        raise ValueError(f"masses must be floating point, got {mass.dtype}")
+    for name, t in (("target_class", target_class), ("key_class", key_class)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 2-D integer tensor, got {getattr(t, 'shape', type(t))}")
+    if tuple(target_class.shape) != (batch, num_rows):
+        raise ValueError(f"target_class must have shape [B={batch}, R={num_rows}], got {tuple(target_class.shape)}")
+    if key_class.shape[0] != batch:
+        raise ValueError(f"key_class must have shape [B={batch}, N], got {tuple(key_class.shape)}")
+    seq_len = key_class.shape[1]
+    if query_rows is None:
+        if num_rows != seq_len:
+            raise ValueError(f"query_rows=None means every row, so masses need R = N = {seq_len}, got R={num_rows}")
+        query_rows = torch.arange(seq_len, device=key_class.device).expand(batch, seq_len)
+    elif not isinstance(query_rows, torch.Tensor) or tuple(query_rows.shape) != (batch, num_rows):
+        raise ValueError(f"query_rows must have shape [B={batch}, R={num_rows}], got {getattr(query_rows, 'shape', None)}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != tuple(key_class.shape)):
+        raise ValueError(f"key_padding_mask must be a bool tensor of shape {tuple(key_class.shape)}")
+    for name, t in (("target_class", target_class), ("key_class", key_class), ("query_rows", query_rows),
+                    ("key_padding_mask", key_padding_mask)):
+        if t is not None and t.device != mass.device:
+            raise ValueError(f"{name} is on {t.device} but masses are on {mass.device}")
+    if ((target_class < -1) | (target_class >= num_classes)).any():
+        raise ValueError(f"target_class values must be -1 (ignore) or in [0, C={num_classes})")
+    if ((key_class < -1) | (key_class >= num_classes)).any():
+        raise ValueError(f"key_class values must be -1 (not a label) or in [0, C={num_classes})")
+    if ((query_rows < -1) | (query_rows >= seq_len)).any():
+        raise ValueError(f"query_rows values must be -1 (empty slot) or in [0, N={seq_len})")
+    if ((target_class >= 0) & (query_rows < 0)).any():
+        raise ValueError("target_class is set for an empty query_rows slot (-1); give it target -1")
+
+    n_c, n_t = visible_label_counts(key_class, num_classes, query_rows, key_padding_mask, causal)
+    num_labels = n_c.sum(-1).to(mass.dtype)  # k
+    threshold = torch.where(num_labels > 0, num_labels / (num_labels + torch.log(n_t.clamp(min=1).to(mass.dtype))),
+                            torch.full_like(num_labels, math.inf))
+    has_target = target_class >= 0
+    target = target_class.clamp(min=0)
+
+    label_mass = mass.sum(-1)  # S [L,B,H,R]
+    gold_index = target[None, :, None, :, None].expand(*mass.shape[:-1], 1)
+    gold_mass = mass.gather(-1, gold_index).squeeze(-1)  # m_y
+    gold_count = n_c.gather(-1, target[:, :, None]).squeeze(-1).to(mass.dtype)  # n_y [B,R]
+    counted = (label_mass.detach() > threshold[None, :, None, :]) & has_target[None, :, None, :]
+
+    per_head = A * (label_mass - gold_mass) + B * (gold_count[None, :, None, :] - gold_mass)
+    num_target_rows = int(has_target.sum())
+    loss = torch.where(counted, per_head, torch.zeros_like(per_head)).sum() / max(num_target_rows, 1)
+
+    rows_per_sample = has_target.sum(1).clamp(min=1).to(mass.dtype)
+    info = ABFTLossInfo(
+        counted=counted, counted_heads=counted.sum(dim=(0, 2, 3)).to(mass.dtype) / rows_per_sample,
+        label_mass=label_mass.detach(), gold_mass=gold_mass.detach(), threshold=threshold,
+        has_target=has_target, num_target_rows=num_target_rows,
+    )
+    return loss, info
+
+
+class PIDController:
+    """Steers A from the mean number of counted heads n_t at step t = 1, 2, ... (paper's constants):
+    A_t = A_{t-1} + Cp(n_t − n_{t−1}) + Ci(n_t − n_1) + Cd(n_t − 2n_{t−1} + n_{t−2}) for t > 2, A_1 = A_2 = A0.
+
+    Call update(n_t) after step t's forward; the returned A_t is the coefficient for the next step.
+    """
+
+    def __init__(self, A0: float = 0.5, kp: float = 0.03, ki: float = 0.005, kd: float = 0.005):
+        self.A0, self.kp, self.ki, self.kd = float(A0), float(kp), float(ki), float(kd)
+        self.A = self.A0
+        self.history: List[float] = []
+
+    def update(self, counted_heads: float) -> float:
+        n = self.history
+        n.append(float(counted_heads))
+        if len(n) > 2:
+            self.A += (self.kp * (n[-1] - n[-2]) + self.ki * (n[-1] - n[0])
+                       + self.kd * (n[-1] - 2 * n[-2] + n[-3]))
+        return self.A
+
+    def state_dict(self) -> dict:
+        return {"A0": self.A0, "kp": self.kp, "ki": self.ki, "kd": self.kd, "A": self.A, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.A0, self.kp, self.ki, self.kd = state["A0"], state["kp"], state["ki"], state["kd"]
+        self.A, self.history = state["A"], list(state["history"])

@@ -1,0 +1,34 @@
+"""Visibility and one-hot helpers shared by the PyTorch backends."""
+from __future__ import annotations
+
+import torch
+
+from .._validation import LabelAttentionArgs
+
+
+def row_key_visibility(args: LabelAttentionArgs, rows: torch.Tensor) -> torch.Tensor:
+    """bool [B, R, N]: key j is visible to row rows[b, r] (padding, causality, -1 = empty slot)."""
+    batch, _, seq_len, _ = args.q.shape
+    keys = torch.arange(seq_len, device=rows.device)
+    visible = (rows >= 0)[:, :, None].expand(batch, rows.shape[1], seq_len)
+    if args.causal:
+        visible = visible & (keys[None, None, :] <= rows[:, :, None])
+    if args.key_padding_mask is not None:
+        visible = visible & args.key_padding_mask[:, None, :]
+    return visible
+
+
+def all_rows(args: LabelAttentionArgs) -> torch.Tensor:
+    batch, _, seq_len, _ = args.q.shape
+    return torch.arange(seq_len, device=args.q.device).expand(batch, seq_len)
+
+
+def label_one_hot(args: LabelAttentionArgs, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N, C] one-hot of the key classes; unlabelled keys (-1) are all-zero rows."""
+    classes = torch.arange(args.num_classes, device=args.key_class.device)
+    return (args.key_class[:, :, None] == classes).to(dtype)
+
+
+def mass_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Masses accumulate in fp32 (fp64 when the inputs are fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,88 @@
+"""Label masses of R selected query rows in plain PyTorch: the decoupled path of design.md §2.
+
+Forward computes, per (batch, head, row), the softmax over the keys the row sees and its mass on each
+label class; backward recomputes the probabilities instead of saving them. Rows are processed in
+chunks so transient memory is O(B·H·chunk·N) and saved memory O(B·H·R).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validation import LabelAttentionArgs
+from .masks import label_one_hot, mass_compute_dtype, row_key_visibility
+
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _row_chunks(args: LabelAttentionArgs):
+    batch, num_heads, seq_len, _ = args.q.shape
+    num_rows = args.query_rows.shape[1]
+    chunk = max(1, _CHUNK_ELEMENTS // (batch * num_heads * seq_len))
+    for start in range(0, num_rows, chunk):
+        yield slice(start, min(start + chunk, num_rows))
+
+
+def _gather_rows(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q [B,H,N,D], rows [B,R] (>= 0) -> [B,H,R,D]."""
+    index = rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
+    return q.gather(2, index)
+
+
+def _row_probs(args: LabelAttentionArgs, q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor):
+    """Softmax rows [B,Hkv,G,Rc,N] of the selected rows (zero where invisible or for empty slots)."""
+    batch, num_kv_heads, seq_len, head_dim = k.shape
+    q_rows = q_rows.view(batch, num_kv_heads, -1, rows.shape[1], head_dim)
+    scores = args.scale * q_rows @ k[:, :, None].transpose(-1, -2)
+    visible = row_key_visibility(args, rows)[:, None, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.exp(scores - lse.nan_to_num(neginf=0.0))
+
+
+class RowLabelMass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, args: LabelAttentionArgs):
+        compute_dtype = mass_compute_dtype(q.dtype)
+        qc, kc = q.to(compute_dtype), k.to(compute_dtype)
+        one_hot = label_one_hot(args, compute_dtype)[:, None, None]  # [B,1,1,N,C]
+        rows = args.query_rows.clamp(min=0)
+        batch, num_heads = q.shape[:2]
+        masses = []
+        for part in _row_chunks(args):
+            probs = _row_probs(args, _gather_rows(qc, rows[:, part]), kc, args.query_rows[:, part])
+            masses.append((probs @ one_hot).reshape(batch, num_heads, -1, args.num_classes))
+        mass = torch.cat(masses, dim=2)
+        ctx.save_for_backward(q, k, mass)
+        ctx.args = args
+        return mass.float()
+
+    @staticmethod
+    def backward(ctx, grad_mass):
+        q, k, mass = ctx.saved_tensors
+        args = ctx.args
+        compute_dtype = mass.dtype
+        qc, kc = q.to(compute_dtype), k.to(compute_dtype)
+        grad_mass = grad_mass.to(compute_dtype)
+        one_hot = label_one_hot(args, compute_dtype)[:, None, None]
+        rows = args.query_rows.clamp(min=0)
+        batch, num_kv_heads, seq_len, head_dim = k.shape
+        grad_q = torch.zeros_like(qc)
+        grad_k = torch.zeros_like(kc)
+        for part in _row_chunks(args):
+            q_rows = _gather_rows(qc, rows[:, part])
+            probs = _row_probs(args, q_rows, kc, args.query_rows[:, part])  # [B,Hkv,G,Rc,N]
+            g = grad_mass[:, :, part].view(batch, num_kv_heads, -1, probs.shape[3], args.num_classes)
+            m = mass[:, :, part].view_as(g)
+            # dP[r, j] = G[r, class(j)]; softmax backward subtracts sum_j P dP = sum_c G·mass.
+            grad_scores = probs * (g @ one_hot.transpose(-1, -2) - (g * m).sum(-1, keepdim=True))
+            grad_q_rows = args.scale * grad_scores @ kc[:, :, None]  # [B,Hkv,G,Rc,D]
+            grad_k += args.scale * (grad_scores.transpose(-1, -2) @ q_rows.view_as(grad_q_rows)).sum(2)
+            grad_q_rows = grad_q_rows.reshape(batch, -1, probs.shape[3], head_dim)
+            index = rows[:, None, part, None].expand_as(grad_q_rows)
+            grad_q.scatter_add_(2, index, grad_q_rows)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), None
+
+
+def row_label_mass(args: LabelAttentionArgs) -> torch.Tensor:
+    """mass float32 [B, Hq, R, C] of args.query_rows, differentiable w.r.t. q and k."""
+    return RowLabelMass.apply(args.q, args.k, args)

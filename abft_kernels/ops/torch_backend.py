@@ -1,0 +1,24 @@
+"""Backend "torch": exact on any device, memory O(N) per head.
+
+The output comes from torch SDPA. The masses of selected rows come from the row recompute in
+row_mass_torch; when every row carries a mass they come from a second SDPA in fp32 whose values are
+the one-hot label matrix (mass = P · Y).
+"""
+from __future__ import annotations
+
+from .._validation import LabelAttentionArgs
+from .masks import label_one_hot, mass_compute_dtype
+from .row_mass_torch import row_label_mass
+from .sdpa import masked_sdpa
+
+MAX_NUM_CLASSES = None
+
+
+def label_attention(args: LabelAttentionArgs):
+    out = masked_sdpa(args.q, args.k, args.v, args)
+    if args.query_rows is not None:
+        return out, row_label_mass(args)
+    dtype = mass_compute_dtype(args.q.dtype)
+    one_hot = label_one_hot(args, dtype)[:, None].expand(-1, args.k.shape[1], -1, -1)
+    mass = masked_sdpa(args.q.to(dtype), args.k.to(dtype), one_hot, args)
+    return out, mass.float()

@@ -1,0 +1,67 @@
+"""Backend "torch" against the reference: outputs, masses and gradients of q, k, v (fp32, rel err < 1e-5)."""
+import pytest
+import torch
+
+import abft_kernels as ak
+from helpers import assert_matches_reference, make_problem, rel_err
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 63, 130])
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (3, 1), (8, 2)])
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_shapes_and_gqa(seq_len, heads, kv_heads, rows):
+    problem = make_problem(heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=16, num_classes=4, rows=rows,
+                           seed=seq_len * 7 + heads)
+    assert_matches_reference(problem, "torch")
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "both"])
+@pytest.mark.parametrize("rows", ["edges", "random", "all"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_rows_and_causality(padding, rows, causal):
+    problem = make_problem(heads=4, kv_heads=1, seq_len=37, head_dim=8, num_classes=2, padding=padding, rows=rows,
+                           seed=3)
+    assert_matches_reference(problem, "torch", causal=causal)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 5, 8])
+def test_num_classes(num_classes):
+    problem = make_problem(seq_len=40, num_classes=num_classes, rows="random", padding="left", seed=num_classes)
+    assert_matches_reference(problem, "torch")
+
+
+def test_fully_padded_rows_are_zero_not_nan():
+    problem = make_problem(seq_len=20, padding="left", rows="edges")
+    out, mass = ak.label_attention(**problem, backend="torch")
+    assert torch.isfinite(out).all() and torch.isfinite(mass).all()
+    assert (out[0, :, :5] == 0).all()  # left-padded rows see no real key under the causal mask
+    assert (mass[0, :, 0] == 0).all() and (mass[:, :, 2] == 0).all()  # row 0 of sample 0, and the -1 slot
+
+
+def test_mass_rows_sum_to_label_share():
+    """With every key labelled, each visible row's masses sum to 1."""
+    problem = make_problem(seq_len=30, rows="all", num_classes=3)
+    problem["key_class"] = torch.randint(0, 3, problem["key_class"].shape)
+    _, mass = ak.label_attention(**problem, backend="torch")
+    torch.testing.assert_close(mass.sum(-1), torch.ones(mass.shape[:-1]), rtol=0, atol=1e-5)
+
+
+def test_half_precision_close_to_reference():
+    problem = make_problem(seq_len=50, rows="last", dtype=torch.bfloat16)
+    out, mass = ak.label_attention(**problem, backend="torch")
+    ref_out, ref_mass = ak.label_attention(**{**problem, **{n: problem[n].double() for n in "qkv"}},
+                                           backend="reference")
+    assert out.dtype == torch.bfloat16 and mass.dtype == torch.float32
+    assert rel_err(out, ref_out) < 1e-2 and rel_err(mass, ref_mass) < 1e-2
+
+
+def test_auto_is_torch_on_cpu():
+    assert ak.resolve_backend("auto", torch.zeros(1, 1, 1, 1)) == "torch"
+
+
+def test_a_wrong_backend_would_fail():
+    """The comparison can fail: a mass computed with the wrong scale is caught."""
+    problem = make_problem(seq_len=33, rows="all")
+    _, mass = ak.label_attention(**problem, scale=0.5, backend="torch")
+    _, ref = ak.label_attention(**{**problem, **{n: problem[n].double() for n in "qkv"}}, backend="reference")
+    assert rel_err(mass, ref) > 1e-3
