@@ -5,6 +5,8 @@ import argparse
 
 import torch
 
+from . import workflow
+
 
 def run_example(args: argparse.Namespace) -> None:
     """Label masses and the ABFT loss on a tiny random ICL-shaped problem."""
@@ -41,6 +43,13 @@ def main(argv=None) -> None:
     example.add_argument("--backend", default="auto")
     example.add_argument("--seed", type=int, default=0)
     example.set_defaults(func=run_example)
+    for name, run, help_text in (
+            ("demo", workflow.run_demo, "ABFT end to end on the built-in offline model and data: before/after table"),
+            ("train", workflow.run_train, "ABFT training of W_Q/W_K on a model and dataset"),
+            ("eval", workflow.run_eval, "ICL accuracy and label attention, before and after --weights")):
+        command = commands.add_parser(name, help=help_text)
+        workflow.add_arguments(command, name)
+        command.set_defaults(func=run)
     args = parser.parse_args(argv)
     args.func(args)
 

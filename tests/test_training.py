@@ -1,0 +1,106 @@
+"""ABFT training through transformers' Trainer on the real SmolLM2 weights."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from abft_fixtures import needs_builtin, truncated_model
+from abft_kernels.icl import ICLCollator, PromptBuilder, load_task, training_prompts
+from abft_kernels.training import (CONFIG_FILE, WEIGHTS_FILE, ABFTTrainer, abft_training_arguments,
+                                   apply_trained_weights)
+
+pytestmark = needs_builtin
+QK = ("q_proj", "k_proj")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("rt-sentiment", test_size=8, max_chars=100)
+
+
+def make_trainer(model, tokenizer, task, output_dir, steps, callbacks=(), save_steps=0, num_prompts=None):
+    from abft_kernels.hf import trainable_qk
+
+    trainable_qk(model)
+    builder = PromptBuilder(tokenizer, task.template)
+    prompts = training_prompts(builder, task.train, k=4, num_prompts=num_prompts or 2 * steps, seed=0)
+    args = abft_training_arguments(str(output_dir), learning_rate=1e-3, steps=steps, prompts_per_step=2,
+                                   micro_batch=1, save_steps=save_steps, disable_tqdm=True, use_cpu=True)
+    return ABFTTrainer(model=model, args=args, train_dataset=prompts, data_collator=ICLCollator(tokenizer.pad_token_id),
+                       num_classes=2, callbacks=list(callbacks), run_info={"base_model": "test", "lora": None})
+
+
+def test_one_step_changes_only_query_and_key_weights(task, tmp_path):
+    from abft_kernels.models import load_model
+
+    model, tokenizer = load_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = make_trainer(model, tokenizer, task, tmp_path, steps=1)
+    trainer.train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed, "the step changed nothing"
+    assert all(name.split(".")[-2] in QK for name in changed), sorted(changed)[:5]
+    assert any(".q_proj." in n for n in changed) and any(".k_proj." in n for n in changed)
+    # Q/K of layers with counted heads move; the trainer logged the controller's view of the step.
+    log = trainer.state.log_history[0]
+    assert log["counted_heads"] > 0 and log["A"] == 0.5 and log["abft_loss"] == pytest.approx(log["loss"], rel=1e-3)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAfterSave(TrainerCallback):
+    """Kills the run right after the checkpoint of `step` is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
+def test_resume_after_interrupt_restores_state_exactly(task, tmp_path):
+    model, tokenizer = truncated_model(num_layers=8)
+    straight = make_trainer(model, tokenizer, task, tmp_path / "straight", steps=4)
+    straight.train()
+
+    model, _ = truncated_model(num_layers=8)
+    interrupted = make_trainer(model, tokenizer, task, tmp_path / "run", steps=4, save_steps=2,
+                               callbacks=[InterruptAfterSave(2)])
+    with pytest.raises(Interrupted):
+        interrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.iterdir() if p.suffix in (".safetensors", ".json")) == \
+        [CONFIG_FILE, WEIGHTS_FILE, "trainer_state.json"]  # only the trained tensors, not the model
+
+    model, _ = truncated_model(num_layers=8)
+    resumed = make_trainer(model, tokenizer, task, tmp_path / "run", steps=4, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert resumed.controller.pid.state_dict() == straight.controller.pid.state_dict()
+    assert resumed.controller.pid.history[0] > 0  # heads were counted, so the steps had gradients
+    for ours, theirs in zip(resumed.model.named_parameters(), straight.model.named_parameters()):
+        assert ours[0] == theirs[0] and torch.equal(ours[1], theirs[1]), ours[0]
+    steps = lambda trainer: [(h["step"], h["loss"], h["A"]) for h in trainer.state.log_history if "loss" in h]
+    assert steps(resumed)[-2:] == steps(straight)[-2:]
+
+
+def test_saved_weights_apply_to_a_fresh_base_model(task, tmp_path):
+    model, tokenizer = truncated_model(num_layers=2)
+    trainer = make_trainer(model, tokenizer, task, tmp_path, steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path))
+    tensors = load_file(str(tmp_path / WEIGHTS_FILE))
+    assert sorted(tensors) == sorted(trainer.trained_names) and all(n.split(".")[-2] in QK for n in tensors)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["base_model"] == "test" and config["controller"]["history"] and config["settings"]["A0"] == 0.5
+
+    fresh, _ = truncated_model(num_layers=2)
+    apply_trained_weights(fresh, tmp_path)
+    for (name, ours), theirs in zip(fresh.named_parameters(), model.parameters()):
+        assert torch.equal(ours, theirs), name
+        assert not ours.requires_grad
