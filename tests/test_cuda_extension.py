@@ -245,6 +245,13 @@ def test_gpu_repeated_rows_and_many_classes():
     assert_matches_reference(problem, "cuda")
 
 
+def run_grads_of_mass(problem):
+    q, k = (problem[n].detach().clone().requires_grad_(True) for n in ("q", "k"))
+    _, mass = ak.label_attention(**{**problem, "q": q, "k": k}, backend="cuda")
+    (mass * torch.linspace(-1, 1, mass.numel(), device=mass.device).view_as(mass)).sum().backward()
+    return q.grad, k.grad
+
+
 @needs_gpu
 def test_gpu_backward_is_deterministic():
     problem = make_problem(heads=8, kv_heads=2, seq_len=300, head_dim=128, rows="random", dtype=torch.bfloat16,
@@ -253,13 +260,6 @@ def test_gpu_backward_is_deterministic():
     second = run_grads_of_mass(problem)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-
-
-def run_grads_of_mass(problem):
-    q, k = (problem[n].detach().clone().requires_grad_(True) for n in ("q", "k"))
-    _, mass = ak.label_attention(**{**problem, "q": q, "k": k}, backend="cuda")
-    (mass * torch.linspace(-1, 1, mass.numel(), device=mass.device).view_as(mass)).sum().backward()
-    return q.grad, k.grad
 
 
 @needs_gpu
