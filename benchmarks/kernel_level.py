@@ -8,7 +8,7 @@ import torch
 import abft_kernels as ak
 
 from .methods import Method
-from .shapes import KernelShape, make_problem
+from .shapes import KernelProblem, KernelShape, make_problem
 from .timing import Timing, guarded, kernel_median_ms, peak_memory_gib, too_big
 
 
@@ -43,23 +43,29 @@ def measure_kernel(method: Method, shape: KernelShape, device: torch.device, bac
     return {**row, **guarded(lambda: _measure(method, shape, device, backward, timing, ref_mass), device)}
 
 
+def make_step(method: Method, problem: KernelProblem, backward: bool):
+    """(the timed callable, the outputs of a first forward call): forward, or forward then the gradients of
+    q, k, v for fixed random output gradients. The first call compiles where the method compiles."""
+    forward = method.build(problem)
+    outputs = [t for t in forward() if t is not None]
+    if not backward:
+        return forward, outputs
+    leaves = (problem.q, problem.k, problem.v)
+    grads = [torch.randn_like(t) for t in outputs]
+
+    def step():
+        results = [t for t in forward() if t is not None]
+        torch.autograd.grad(results, leaves, grads, allow_unused=True)
+
+    return step, outputs
+
+
 def _measure(method: Method, shape: KernelShape, device: torch.device, backward: bool, timing: Timing,
              ref_mass: Optional[torch.Tensor]) -> dict:
-    problem = make_problem(shape, device, requires_grad=backward)
-    forward = method.build(problem)
-    outputs = [t for t in forward() if t is not None]  # first call: compiles where the method compiles
+    step, outputs = make_step(method, make_problem(shape, device, requires_grad=backward), backward)
     result = {}
     if not backward and method.computes_masses and ref_mass is not None:
         result["mass_rel_err"] = relative_error(outputs[1], ref_mass)
-    step = forward
-    if backward:
-        leaves = (problem.q, problem.k, problem.v)
-        grads = [torch.randn_like(t) for t in outputs]
-
-        def step():
-            results = [t for t in forward() if t is not None]
-            torch.autograd.grad(results, leaves, grads, allow_unused=True)
-
     del outputs
     median_ms = kernel_median_ms(step, device, timing)
     result["median_ms"] = median_ms

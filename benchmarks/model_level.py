@@ -40,10 +40,6 @@ class ModelBatch:
     query_rows: torch.Tensor  # [B, 1]: the last token
     target_class: torch.Tensor  # [B, 1]
 
-    @property
-    def num_demos(self) -> int:
-        return int((self.key_class[0] >= 0).sum())
-
 
 def make_batch(vocab_size: int, seq_len: int, device: torch.device, batch: int = 1, seed: int = 0) -> ModelBatch:
     gen = torch.Generator().manual_seed(seed)
@@ -127,30 +123,47 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, max_seq_len
 
 
 def eager_memory(model, seq_len: int) -> float:
-    """Every layer's returned P (input dtype) plus the fp32 softmax it came from: L·H·N²·(e + 4) bytes."""
+    """The weights plus every layer's returned P (input dtype) and the fp32 softmax it came from."""
     config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     elem = torch.finfo(model.dtype).bits // 8
-    return config.num_hidden_layers * config.num_attention_heads * seq_len ** 2 * (elem + 4)
+    return weights + config.num_hidden_layers * config.num_attention_heads * seq_len ** 2 * (elem + 4)
 
 
-def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of) -> None:
+def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
+    """Returns the loss and the mean label mass S over layers and heads (loss is 0 until a head passes
+    the induction filter, so S is what shows that methods agree on a random model)."""
     outputs = model(input_ids=batch.input_ids, output_attentions=True, use_cache=False, **kwargs)
-    loss, _ = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
+    loss, info = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
     loss.backward()
     model.zero_grad(set_to_none=True)
+    return loss.detach(), info.label_mass.mean()
 
 
-def measure_model(model_name: str, model, method: ModelMethod, seq_len: int, device: torch.device,
-                  warmup: int, reps: int) -> dict:
-    row = {"level": "model", "model": model_name, "method": method.name, "seq_len": seq_len, "batch": 1,
-           "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES, "dtype": str(model.dtype)[6:],
-           "gradient_checkpointing": device.type == "cuda"}
+def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int):
+    """Result rows of every (N, method) on model `name`; see measure_model."""
+    built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens))}, device)
+    model = built.pop("model", None)
+    for seq_len in seq_lens:
+        for method in methods:
+            row = {"level": "model", "model": name, "method": method.name, "seq_len": seq_len, "batch": 1,
+                   "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES, "dtype": str(dtype)[6:],
+                   "gradient_checkpointing": device.type == "cuda"}
+            if model is None:
+                yield {**row, "status": built["status"], "reason": "building the model failed: " + built["reason"]}
+            else:
+                yield {**row, **measure_model(model, method, seq_len, device, reps)}
+
+
+def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int) -> dict:
+    """Status and, when ok: median_ms of `reps` steps after one warm-up step, peak_memory_gib (None off
+    CUDA), and the warm-up step's loss and mean label mass (the same for every method, up to rounding)."""
     reason = method.unavailable()
     if reason is not None:
-        return {**row, "status": "unavailable", "reason": reason}
+        return {"status": "unavailable", "reason": reason}
     reason = too_big(eager_memory(model, seq_len), device) if method.name == "eager" else None
     if reason is not None:
-        return {**row, "status": "skipped", "reason": reason}
+        return {"status": "skipped", "reason": reason}
 
     def measure():
         batch = make_batch(model.config.vocab_size, seq_len, device)
@@ -159,7 +172,9 @@ def measure_model(model_name: str, model, method: ModelMethod, seq_len: int, dev
         def step():
             abft_step(model, batch, kwargs, masses_of)
 
-        median_ms = wall_median_ms(step, device, warmup, reps)
-        return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device)}
+        loss, label_mass = abft_step(model, batch, kwargs, masses_of)
+        median_ms = wall_median_ms(step, device, 0, reps)
+        return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device), "loss": loss.item(),
+                "mean_label_mass": label_mass.item()}
 
-    return {**row, **guarded(measure, device)}
+    return guarded(measure, device)

@@ -126,6 +126,8 @@ def markdown(results: dict) -> str:
         lines += _table(rows, methods, "median_ms", ".4g")
         if any(r.get("peak_memory_gib") is not None for r in rows):
             lines += ["", "Peak memory, GiB:", ""] + _table(rows, methods, "peak_memory_gib", ".3g")
+        lines += ["", "Mean label mass S of the first step (equal across methods up to rounding):", ""]
+        lines += _table(rows, methods, "mean_label_mass", ".6g")
         lines.append("")
     plots = results.get("plots", [])
     if plots:
@@ -214,10 +216,14 @@ def summary(results: dict) -> str:
 
 
 def write(results: dict, out_dir: Path) -> list:
-    """results -> <mode>.json, <mode>.md and <mode>_*.png under out_dir; returns the paths written."""
+    """results -> <mode>.json, <mode>_*.png and <mode>.md under out_dir; returns the paths written.
+    The JSON is written first, so a failure while plotting loses no measurement."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = results["mode"]
+    json_path, md_path = out_dir / f"{prefix}.json", out_dir / f"{prefix}.md"
+    results["plots"] = []
+    json_path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
     results["plots"] = plot(results, out_dir, prefix)
-    (out_dir / f"{prefix}.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    (out_dir / f"{prefix}.md").write_text(markdown(results))
-    return [out_dir / f"{prefix}.json", out_dir / f"{prefix}.md"] + [out_dir / p for p in results["plots"]]
+    json_path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    md_path.write_text(markdown(results))
+    return [json_path, md_path] + [out_dir / p for p in results["plots"]]

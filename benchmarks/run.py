@@ -44,10 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_kernel_level(args, device: torch.device, timing: Timing) -> list:
+def run_kernel_level(args, shapes: list, device: torch.device, timing: Timing) -> list:
     rows = []
     methods = [METHODS[name] for name in args.methods]
-    for shape in kernel_shapes(args.quick, args.dtypes, args.seq_lens, args.rows):
+    for shape in shapes:
         ref_mass = None
         if "fwd" in args.modes:
             ref_mass = guarded(lambda: {"mass": kernel_level.reference_mass(shape, device)}, device).get("mass")
@@ -60,22 +60,17 @@ def run_kernel_level(args, device: torch.device, timing: Timing) -> list:
     return rows
 
 
-def run_model_level(args, device: torch.device) -> list:
+def run_model_level(args, seq_lens: list, device: torch.device) -> list:
     rows = []
     names = args.models or (model_level.CPU_MODELS if args.quick or device.type == "cpu"
                             else model_level.FULL_GPU_MODELS)
-    seq_lens = args.model_seq_lens or (model_level.QUICK_SEQ_LENS if args.quick else model_level.FULL_SEQ_LENS)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    warmup, reps = (1, 1) if args.quick else (1, 3)
+    reps = 1 if args.quick else 3
+    methods = [model_level.MODEL_METHODS[name] for name in args.model_methods]
     for name in names:
-        model = model_level.build_model(name, device, dtype, max(seq_lens))
-        for seq_len in seq_lens:
-            for method_name in args.model_methods:
-                row = model_level.measure_model(name, model, model_level.MODEL_METHODS[method_name], seq_len,
-                                                device, warmup, reps)
-                _progress(row, f"model {name} N={seq_len}")
-                rows.append(row)
-        del model
+        for row in model_level.sweep_model(name, methods, seq_lens, device, dtype, reps):
+            _progress(row, f"model {name} N={row['seq_len']}")
+            rows.append(row)
     return rows
 
 
@@ -90,6 +85,11 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     timing = Timing(warmup=1, reps=3) if args.quick else Timing()
+    # Sizes are checked before anything runs, so a bad one cannot stop the run half way.
+    shapes = kernel_shapes(args.quick, args.dtypes, args.seq_lens, args.rows)
+    model_seq_lens = args.model_seq_lens or (model_level.QUICK_SEQ_LENS if args.quick else model_level.FULL_SEQ_LENS)
+    if min(model_seq_lens) <= model_level.DEMO_LEN:
+        raise ValueError(f"--model-seq-lens must exceed the demonstration length {model_level.DEMO_LEN}")
     results = {
         "mode": "quick" if args.quick else "full",
         "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -101,8 +101,8 @@ def main(argv=None) -> dict:
             **{f"model/{m.name}": {"level": "model", "description": m.description, "computes_masses": True}
                for m in model_level.MODEL_METHODS.values()},
         },
-        "kernel": run_kernel_level(args, device, timing) if "kernel" in args.levels else [],
-        "model": run_model_level(args, device) if "model" in args.levels else [],
+        "kernel": run_kernel_level(args, shapes, device, timing) if "kernel" in args.levels else [],
+        "model": run_model_level(args, model_seq_lens, device) if "model" in args.levels else [],
     }
     out_dir = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
     written = report.write(results, out_dir)

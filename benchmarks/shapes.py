@@ -38,7 +38,7 @@ class KernelShape:
 
     @property
     def num_demos(self) -> int:
-        return max(1, (self.seq_len - 1) // self.demo_len)
+        return (self.seq_len - 1) // self.demo_len
 
     @property
     def num_rows(self) -> int:
@@ -112,6 +112,8 @@ def kernel_shapes(quick: bool, dtypes=None, seq_lens=None, rows=ROW_SETS) -> lis
     else:
         heads, kv_heads, head_dim = FULL_HEADS
         dtypes, seq_lens, demo_len = dtypes or ("float16", "bfloat16"), seq_lens or FULL_SEQ_LENS, 64
+    if min(seq_lens) <= demo_len:
+        raise ValueError(f"sequence lengths must exceed the demonstration length {demo_len}, got {min(seq_lens)}")
     shapes = []
     for dtype in dtypes:
         for seq_len in seq_lens:
