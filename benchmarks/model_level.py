@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 import abft_kernels as ak
+from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
 
 from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
 
@@ -72,8 +73,6 @@ def eager_masses(model, batch: ModelBatch):
 
 def hf_masses(backend: str):
     def setup(model, batch: ModelBatch):
-        from abft_kernels.hf import LabelSpec, apply_abft
-
         apply_abft(model)
         spec = LabelSpec(batch.key_class, batch.query_rows, NUM_CLASSES, backend=backend)
         return {"abft": spec}, lambda outputs: list(outputs.attentions)
@@ -81,29 +80,21 @@ def hf_masses(backend: str):
     return setup
 
 
-def hf_unavailable() -> Optional[str]:
-    try:
-        import abft_kernels.hf  # noqa: F401
-    except ImportError as error:
-        return f"needs abft_kernels.hf (the transformers integration), which does not import here: {error}"
-    return None
-
-
 @dataclass(frozen=True)
 class ModelMethod:
     name: str
     description: str
+    backend: Optional[str]  # label_attention backend, None for eager
     setup: Callable
-    unavailable: Callable[[], Optional[str]]
 
 
 MODEL_METHODS = {m.name: m for m in (
-    ModelMethod("eager", "attn_implementation='eager', output_attentions=True, masses = P[query]·Y", eager_masses,
-                lambda: None),
+    ModelMethod("eager", "attn_implementation='eager', output_attentions=True, masses = P[query]·Y", None,
+                eager_masses),
     ModelMethod("sdpa_torch", "attn_implementation='abft' with LabelSpec(backend='torch'): SDPA + row recompute",
-                hf_masses("torch"), hf_unavailable),
-    ModelMethod("abft", "attn_implementation='abft' with LabelSpec(backend='auto') (triton on GPU)",
-                hf_masses("auto"), hf_unavailable),
+                "torch", hf_masses("torch")),
+    ModelMethod("abft", "attn_implementation='abft' with LabelSpec(backend='auto'): the default", "auto",
+                hf_masses("auto")),
 )}
 
 
@@ -114,8 +105,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, max_seq_len
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaModel._from_config(config, dtype=dtype)
-    for param_name, param in model.named_parameters():
-        param.requires_grad_(param_name.endswith(("q_proj.weight", "k_proj.weight")))
+    trainable_qk(model)
     model.train()
     if device.type == "cuda":  # activation memory, not attention memory, limits long prompts on big models
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -146,9 +136,10 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
     model = built.pop("model", None)
     for seq_len in seq_lens:
         for method in methods:
-            row = {"level": "model", "model": name, "method": method.name, "seq_len": seq_len, "batch": 1,
-                   "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES, "dtype": str(dtype)[6:],
-                   "gradient_checkpointing": device.type == "cuda"}
+            backend = None if method.backend is None else ak.resolve_backend(method.backend, torch.empty(0, device=device))
+            row = {"level": "model", "model": name, "method": method.name, "backend": backend, "seq_len": seq_len,
+                   "batch": 1, "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES,
+                   "dtype": str(dtype)[6:], "gradient_checkpointing": device.type == "cuda"}
             if model is None:
                 yield {**row, "status": built["status"], "reason": "building the model failed: " + built["reason"]}
             else:
@@ -158,9 +149,6 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
 def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int) -> dict:
     """Status and, when ok: median_ms of `reps` steps after one warm-up step, peak_memory_gib (None off
     CUDA), and the warm-up step's loss and mean label mass (the same for every method, up to rounding)."""
-    reason = method.unavailable()
-    if reason is not None:
-        return {"status": "unavailable", "reason": reason}
     reason = too_big(eager_memory(model, seq_len), device) if method.name == "eager" else None
     if reason is not None:
         return {"status": "skipped", "reason": reason}

@@ -122,7 +122,9 @@ def markdown(results: dict) -> str:
     for model, rows in models.items():
         methods = _methods_run(rows)
         lines += [f"## Model, {model}, one ABFT step (forward, abft_loss, backward), {rows[0]['dtype']}, "
-                  f"gradient checkpointing {rows[0]['gradient_checkpointing']}", "", "Median step time, ms:", ""]
+                  f"gradient checkpointing {rows[0]['gradient_checkpointing']}", ""]
+        backends = dict.fromkeys(f"{r['method']} → {r['backend']}" for r in rows if r["backend"] is not None)
+        lines += ["label_attention backend: " + ", ".join(backends), "", "Median step time, ms:", ""]
         lines += _table(rows, methods, "median_ms", ".4g")
         if any(r.get("peak_memory_gib") is not None for r in rows):
             lines += ["", "Peak memory, GiB:", ""] + _table(rows, methods, "peak_memory_gib", ".3g")
