@@ -95,7 +95,8 @@ def build_label_attention(backend: str):
 def gpu_backend_unavailable(backend: str):
     def unavailable(device: torch.device, backward: bool) -> Optional[str]:
         if not ak.backend_available(backend):
-            return f"backend {backend!r} is not available (its module could not be imported)"
+            detail = ak.cuda_extension_status() if backend == "cuda" else "its module could not be imported"
+            return f"backend {backend!r} is not available: {detail}"
         if device.type != "cuda":
             return f"backend {backend!r} needs a CUDA device (Triton's CPU interpreter is for tests, not timing)"
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -20,7 +21,10 @@ CONVENTIONS = {
               "(the label masses are not counted)",
     "peak_memory_gib": "torch.cuda.max_memory_allocated during one call, inputs (model: weights) included; "
                        "null on CPU (not measured)",
-    "mass_rel_err": "||mass - exact|| / ||exact||, exact = fp32 masses of the same (rounded) inputs; forward only",
+    "mass_rel_err": "||mass - exact|| / ||exact|| (or 'non-finite'), exact = fp32 masses of the same rounded "
+                    "inputs from the row recompute of backend 'torch'; forward only",
+    "model step": "forward with output_attentions, abft_loss, backward, zero_grad; median of the timed steps "
+                  "after one warm-up step; W_Q and W_K trainable, no optimizer step, no LM head",
     "status": "ok | OOM (ran out of memory) | skipped (a size estimate said it cannot fit) | "
               "unavailable (cannot run here; see reason) | error (see reason)",
 }
@@ -48,6 +52,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
         "transformers": _version("transformers"), "flash_attn": _version("flash-attn"),
         "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine makes CPU timings noisy
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": None if commit is None else commit + ("-dirty" if dirty else ""),
     }
