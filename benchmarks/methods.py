@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import abft_kernels as ak
 
 from .shapes import KernelProblem, KernelShape, make_problem
+from .timing import error_summary
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ def gpu_backend_unavailable(backend: str):
         if not ak.backend_available(backend):
             detail = ak.cuda_extension_status() if backend == "cuda" else "its module could not be imported"
             return f"backend {backend!r} is not available: {detail}"
-        if device.type != "cuda":
-            return f"backend {backend!r} needs a CUDA device (Triton's CPU interpreter is for tests, not timing)"
+        if device.type != "cuda":  # (Triton's CPU interpreter runs the kernels for tests, far too slowly to time)
+            return f"backend {backend!r} is timed on CUDA devices only"
         return None
 
     return unavailable
@@ -186,8 +187,7 @@ def _flex_unavailable(device_type: str, backward: bool) -> Optional[str]:
         if backward:
             torch.autograd.backward([out, mass], [torch.ones_like(out), torch.ones_like(mass)])
     except Exception as error:  # every failure here means "cannot run on this device"; its message says why
-        message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        return f"compiled FlexAttention failed on a tiny problem: {type(error).__name__}: {message}"
+        return f"compiled FlexAttention failed on a tiny problem: {error_summary(error)}"
     return None
 
 

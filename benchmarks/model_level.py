@@ -2,8 +2,8 @@
 
 Only W_Q and W_K train, as in the paper, so backward computes their gradients and the activation
 gradients that reach them; there is no optimizer step and no LM head (the ABFT loss needs neither).
-The prompt is the kernel level's layout (benchmarks/shapes.py): random token ids, a label token every
-demo_len tokens (token id = class id), the query is the last token with a random gold class.
+The prompt is laid out like the kernel level's (benchmarks/shapes.py): random token ids, a label token of
+a random class every DEMO_LEN tokens (token id = class id), the query is the last token, its gold class random.
 """
 from __future__ import annotations
 

@@ -82,14 +82,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
 
+def error_summary(error: BaseException) -> str:
+    """The error's type and the first line of its message (compiler errors run to pages)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def guarded(measure: Callable[[], dict], device: torch.device) -> dict:
     """Run a measurement; an out-of-memory error becomes status "OOM", any other error status "error"."""
     try:
         result = {"status": "ok", **measure()}
     except Exception as error:  # the runner reports every failure and goes on to the next measurement
-        status = "OOM" if is_out_of_memory(error) else "error"
-        message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        result = {"status": status, "reason": f"{type(error).__name__}: {message}"}
+        result = {"status": "OOM" if is_out_of_memory(error) else "error", "reason": error_summary(error)}
     if result["status"] != "ok":
         gc.collect()  # the error's traceback held the failed run's tensors in reference cycles
     if device.type == "cuda":
