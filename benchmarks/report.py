@@ -52,7 +52,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
         "transformers": _version("transformers"), "flash_attn": _version("flash-attn"),
         "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0],  # other work on the machine makes CPU timings noisy
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine makes CPU timings noisy
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": None if commit is None else commit + ("-dirty" if dirty else ""),
     }
