@@ -35,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default: float16 bfloat16 (quick: bfloat16)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="kernel-level N (default: 512..65536)")
     parser.add_argument("--rows", nargs="+", choices=ROW_SETS, default=list(ROW_SETS))
+    parser.add_argument("--heads", nargs=3, type=int, metavar=("HQ", "HKV", "D"), default=None,
+                        help="kernel-level head counts and head dim (default: 32 8 128; quick: 4 2 32)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="kernel-level batch size (default: max(1, 16384 // N); quick: 1)")
     parser.add_argument("--models", nargs="+", choices=list(model_level.MODEL_CONFIGS), default=None,
                         help="default: llama-3.2-1b llama-3-8b on CUDA, smollm2-135m on CPU")
     parser.add_argument("--model-methods", nargs="+", choices=list(model_level.MODEL_METHODS),
@@ -86,7 +90,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     timing = Timing(warmup=1, reps=3) if args.quick else Timing()
     # Sizes are checked before anything runs, so a bad one cannot stop the run half way.
-    shapes = kernel_shapes(args.quick, args.dtypes, args.seq_lens, args.rows)
+    shapes = kernel_shapes(args.quick, args.dtypes, args.seq_lens, args.rows, args.heads, args.batch)
     model_seq_lens = args.model_seq_lens or (model_level.QUICK_SEQ_LENS if args.quick else model_level.FULL_SEQ_LENS)
     if min(model_seq_lens) <= model_level.DEMO_LEN:
         raise ValueError(f"--model-seq-lens must exceed the demonstration length {model_level.DEMO_LEN}")

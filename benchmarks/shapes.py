@@ -104,21 +104,24 @@ def make_problem(shape: KernelShape, device: torch.device, requires_grad: bool =
                          key_class.to(device), query_rows)
 
 
-def kernel_shapes(quick: bool, dtypes=None, seq_lens=None, rows=ROW_SETS) -> list:
-    """The sweep: every (dtype, N, rows) for the full or the quick (CPU) set of sizes."""
+def kernel_shapes(quick: bool, dtypes=None, seq_lens=None, rows=ROW_SETS, heads=None, batch=None) -> list:
+    """The sweep: every (dtype, N, rows) for the full or the quick (CPU) set of sizes. heads = (Hq, Hkv, D)
+    and batch (default: 1 in quick mode, else FULL_TOKENS_PER_BATCH // N) override the defaults."""
     if quick:
-        heads, kv_heads, head_dim = QUICK_HEADS
+        heads, kv_heads, head_dim = heads or QUICK_HEADS
         dtypes, seq_lens, demo_len = dtypes or ("bfloat16",), seq_lens or QUICK_SEQ_LENS, 32
     else:
-        heads, kv_heads, head_dim = FULL_HEADS
+        heads, kv_heads, head_dim = heads or FULL_HEADS
         dtypes, seq_lens, demo_len = dtypes or ("float16", "bfloat16"), seq_lens or FULL_SEQ_LENS, 64
+    if heads % kv_heads:
+        raise ValueError(f"Hq={heads} must be a multiple of Hkv={kv_heads}")
     if min(seq_lens) <= demo_len:
         raise ValueError(f"sequence lengths must exceed the demonstration length {demo_len}, got {min(seq_lens)}")
     shapes = []
     for dtype in dtypes:
         for seq_len in seq_lens:
-            batch = 1 if quick else max(1, FULL_TOKENS_PER_BATCH // seq_len)
+            size = batch or (1 if quick else max(1, FULL_TOKENS_PER_BATCH // seq_len))
             for row_set in rows:
-                shapes.append(KernelShape(batch, heads, kv_heads, head_dim, seq_len, row_set, dtype,
+                shapes.append(KernelShape(size, heads, kv_heads, head_dim, seq_len, row_set, dtype,
                                           demo_len=demo_len))
     return shapes
