@@ -2,6 +2,7 @@
 gradient checkpointing, half precision, fused QKV value slices and LoRA."""
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -69,17 +70,22 @@ def test_refusals(llama):
     input_ids, mask, key_class, rows, _ = icl_batch()
     spec = LabelSpec(key_class, rows, NUM_CLASSES)
     with pytest.raises(ValueError, match="key_class"):  # the spec must cover the sequence
-        llama(input_ids[:, :-1], attention_mask=mask[:, :-1], abft=spec)
+        llama(input_ids[:, :-1], attention_mask=mask[:, :-1], abft=spec, output_attentions=True)
     with pytest.raises(ValueError, match="LabelSpec"):
-        llama(input_ids, attention_mask=mask, abft=key_class)
-    cache = llama(input_ids[:, :5], attention_mask=mask[:, :5], use_cache=True).past_key_values
+        llama(input_ids, attention_mask=mask, abft=key_class, output_attentions=True)
+    with pytest.raises(ValueError, match="output_attentions"):
+        llama(input_ids, attention_mask=mask, abft=spec)
+    # transformers 5 renames past_key_values to cache.
+    cache_arg = "cache" if "cache" in inspect.signature(type(llama).forward).parameters else "past_key_values"
+    cache = transformers.DynamicCache()
+    llama(input_ids[:, :5], attention_mask=mask[:, :5], use_cache=True, **{cache_arg: cache})
     tail_spec = LabelSpec(key_class[:, 5:], None, NUM_CLASSES)
     with pytest.raises(ValueError, match="whole sequence"):
-        llama(input_ids[:, 5:], attention_mask=mask, past_key_values=cache, abft=tail_spec)
+        llama(input_ids[:, 5:], attention_mask=mask, abft=tail_spec, output_attentions=True, **{cache_arg: cache})
     packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     for call_spec in (None, LabelSpec(key_class[:1], rows[:1], NUM_CLASSES)):
         with pytest.raises(ValueError, match="packed"):
-            llama(input_ids[:1], position_ids=packed, abft=call_spec)
+            llama(input_ids[:1], position_ids=packed, abft=call_spec, output_attentions=True)
 
 
 def test_attention_dropout_refused_with_labels():
@@ -87,7 +93,7 @@ def test_attention_dropout_refused_with_labels():
     input_ids, mask, key_class, rows, _ = icl_batch()
     gpt2(input_ids, attention_mask=mask)  # plain attention keeps its dropout
     with pytest.raises(ValueError, match="dropout"):
-        gpt2(input_ids, attention_mask=mask, abft=LabelSpec(key_class, rows, NUM_CLASSES))
+        gpt2(input_ids, attention_mask=mask, abft=LabelSpec(key_class, rows, NUM_CLASSES), output_attentions=True)
 
 
 def test_softcapping_refused():
@@ -95,7 +101,7 @@ def test_softcapping_refused():
     input_ids, mask, key_class, rows, _ = icl_batch()
     for spec in (None, LabelSpec(key_class, rows, NUM_CLASSES)):
         with pytest.raises(ValueError, match="soft-capping"):
-            gemma2(input_ids, attention_mask=mask, abft=spec)
+            gemma2(input_ids, attention_mask=mask, abft=spec, output_attentions=True)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
@@ -111,7 +117,7 @@ def test_sliding_window_shorter_than_sequence(family):
     left_padded = dict(input_ids=input_ids[[0, 2]], attention_mask=mask[[0, 2]])
     assert torch.equal(abft.generate(**left_padded, **settings), reference.generate(**left_padded, **settings))
     with pytest.raises(ValueError, match="sliding window"):
-        abft(input_ids, attention_mask=mask, abft=LabelSpec(key_class, rows, NUM_CLASSES))
+        abft(input_ids, attention_mask=mask, abft=LabelSpec(key_class, rows, NUM_CLASSES), output_attentions=True)
 
 
 def count_label_attention_calls(monkeypatch):

@@ -26,9 +26,13 @@ _ABFT_KWARG = "abft"
 
 
 def apply_abft(model):
-    """Switch `model` (a transformers PreTrainedModel) to attn_implementation="abft" in place and return it."""
+    """Switch `model` (a transformers PreTrainedModel) to attn_implementation="abft" in place and return it.
+
+    Also needed after from_pretrained(..., attn_implementation="abft") for Falcon and, on transformers 4.57,
+    for GPT-2 (see the module docstring); harmless otherwise, and it checks every call that passes abft=.
+    """
     register_abft_attention()
-    if type(model.base_model).__name__ == "FalconModel":
+    if model.config.model_type == "falcon":
         _patch_falcon(model)
         model.config._attn_implementation = ATTN_IMPLEMENTATION
     elif not type(model)._can_set_attn_implementation():
@@ -46,7 +50,12 @@ def _install_call_hooks(model) -> None:
     tokens = []
 
     def enter(module, args, kwargs):
-        tokens.append(current_call.set(ModelCall(kwargs.get(_ABFT_KWARG), torch.is_grad_enabled())))
+        spec = kwargs.get(_ABFT_KWARG)
+        # Pushed before any check: `leave` runs even when this hook raises.
+        tokens.append(current_call.set(ModelCall(spec, torch.is_grad_enabled())))
+        if spec is not None and not kwargs.get("output_attentions", module.config.output_attentions):
+            raise ValueError("abft= needs output_attentions=True in the same call: the masses come back as "
+                             "outputs.attentions")
 
     def leave(module, args, output):
         call = current_call.get()
