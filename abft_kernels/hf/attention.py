@@ -24,8 +24,9 @@ from .model_call import current_call
 ATTN_IMPLEMENTATION = "abft"
 
 
-def key_padding_mask(attention_mask: Optional[torch.Tensor] = None, kv_length: Optional[int] = None, **_):
-    """Mask function: bool [B, kv_length] (True = real token) of the last kv_length positions, None if nothing is padded.
+def abft_mask_function(attention_mask: Optional[torch.Tensor] = None, kv_length: Optional[int] = None, **_):
+    """Mask function: bool [B, kv_length] (True = real token) of the last kv_length positions, or None when
+    nothing is padded.
 
     A mask shorter than kv_length (a static cache) is returned as is; the attention function refuses it.
     """
