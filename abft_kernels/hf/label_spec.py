@@ -17,7 +17,7 @@ def _check_index_tensor(name: str, t, shape_hint: str) -> None:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields are tensors
 class LabelSpec:
     """Pass as `model(..., abft=LabelSpec(...), output_attentions=True)` to get every layer's label masses.
 
