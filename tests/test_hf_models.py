@@ -9,17 +9,33 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import abft_kernels as ak  # noqa: E402  (registers "abft")
-from abft_kernels.hf import LabelSpec, apply_abft  # noqa: E402
+from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
 
 VOCAB, SEQ_LEN, NUM_CLASSES = 100, 13, 3
 # Tiny configs: 2 layers, hidden 32 or 64, GQA where the family has it. initializer_range is raised so that
 # attention is far from uniform and the masses differ between heads.
+_GQA = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 FAMILIES = {
-    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2),
+    "llama": dict(model_type="llama", **_GQA),
+    "mistral": dict(model_type="mistral", **_GQA),
+    "qwen2": dict(model_type="qwen2", **_GQA),
+    "qwen3": dict(model_type="qwen3", head_dim=8, **_GQA),
+    "gemma2": dict(model_type="gemma2", head_dim=8, attn_logit_softcapping=None, **_GQA),
+    "gemma3": dict(model_type="gemma3_text", head_dim=8, **_GQA),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_attention_heads=4),
+    "phi3": dict(model_type="phi3", pad_token_id=0, bos_token_id=1, eos_token_id=1, **_GQA),
+    # Falcon's three fused QKV layouts: multi-query, multi-head, grouped (new decoder architecture).
+    "falcon": dict(model_type="falcon", hidden_size=32, num_attention_heads=4, multi_query=True),
+    "falcon_mha": dict(model_type="falcon", hidden_size=32, num_attention_heads=4, multi_query=False),
+    "falcon_gqa": dict(model_type="falcon", hidden_size=32, num_attention_heads=4, new_decoder_architecture=True,
+                       num_kv_heads=2),
 }
+# Falcon's modelling code does not use transformers' AttentionInterface: apply_abft patches it (transformers 5).
+NEEDS_APPLY_ABFT = {"falcon", "falcon_mha", "falcon_gqa"}
+NO_SDPA = {"gemma2"}  # transformers refuses sdpa for Gemma2; its plain path is checked against eager
 
 
 def tiny_config(family: str, **overrides):
@@ -82,13 +98,17 @@ def abft_loss_of(masses, key_class, rows, target, mask):
     return loss, info
 
 
-def qk_grads(model):
-    return {name: p.grad for name, p in model.named_parameters()
-            if p.grad is not None and any(part in name for part in ("q_proj", "k_proj"))}
+def trained_grads(model):
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
+    if TRANSFORMERS_4 and request.param in NEEDS_APPLY_ABFT:
+        pytest.skip("abft on Falcon needs transformers 5")
     return request.param
 
 
@@ -107,29 +127,35 @@ def test_masses_and_qk_grads_match_eager(family):
     real = mask.bool()
     assert rel_err(abft_out.logits[real], eager_out.logits[real]) < 1e-5
 
+    trainable_qk(eager)
+    trainable_qk(abft)
     eager_loss, info = abft_loss_of(eager_masses, key_class, rows, target, mask)
     abft_loss, _ = abft_loss_of(abft_masses, key_class, rows, target, mask)
     assert info.counted.any(), "no head passes the induction filter: the gradient check would be empty"
     assert rel_err(abft_loss, eager_loss) < 1e-5
     eager_loss.backward()
     abft_loss.backward()
-    want, got = qk_grads(eager), qk_grads(abft)
+    want, got = trained_grads(eager), trained_grads(abft)
     assert want and sorted(got) == sorted(want)
     for name in want:
-        assert want[name].norm() > 0
+        assert want[name] is not None and want[name].norm() > 0, name
         assert rel_err(got[name], want[name]) < 1e-5, f"gradient of {name} differs from eager"
 
 
 def test_from_config_registers_abft(family):
+    if family in NEEDS_APPLY_ABFT:
+        pytest.skip("Falcon is switched with apply_abft")
     model = tiny_model(family, attn_implementation="abft")
     assert model.config._attn_implementation == "abft"
+    if TRANSFORMERS_4 and family == "gpt2":
+        apply_abft(model)  # 4.57's GPT2LMHeadModel does not pass abft= on by itself
     input_ids, mask, key_class, rows, _ = icl_batch()
     _, masses = masses_from_abft(model, input_ids, mask, key_class, rows)
     assert all(m.shape == (3, model.config.num_attention_heads, 1, NUM_CLASSES) for m in masses)
 
 
 def test_plain_forward_and_generation_match_sdpa(family):
-    sdpa = tiny_model(family, attn_implementation="sdpa")
+    sdpa = tiny_model(family, attn_implementation="eager" if family in NO_SDPA else "sdpa")
     abft = with_implementation(sdpa, "abft")
     input_ids, mask, _, _, _ = icl_batch()
     real = mask.bool()
@@ -137,7 +163,7 @@ def test_plain_forward_and_generation_match_sdpa(family):
         out = abft(input_ids, attention_mask=mask, output_attentions=True)
         want = sdpa(input_ids, attention_mask=mask)
     assert all(a is None for a in out.attentions or ())
-    assert rel_err(out.logits[real], want.logits[real]) < 1e-6
+    assert rel_err(out.logits[real], want.logits[real]) < 1e-5
 
     left_padded = input_ids[[0, 2]], mask[[0, 2]]  # generation pads on the left
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)

@@ -2,13 +2,13 @@
 
 Importing this package does not import transformers; the modules here import it when they run.
 """
-from .attention import ATTN_IMPLEMENTATION, abft_attention_forward, key_padding_mask
+from .attention import ATTN_IMPLEMENTATION, abft_attention_forward, abft_mask_function
 from .label_spec import LabelSpec
 from .patching import apply_abft
 from .registration import register_abft_attention
 from .trainable import trainable_qk
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "LabelSpec", "abft_attention_forward", "apply_abft", "key_padding_mask",
+    "ATTN_IMPLEMENTATION", "LabelSpec", "abft_attention_forward", "apply_abft", "abft_mask_function",
     "register_abft_attention", "trainable_qk",
 ]

@@ -19,12 +19,14 @@ import torch
 
 from ..label_attention import label_attention
 from .label_spec import LabelSpec
+from .model_call import current_call
 
 ATTN_IMPLEMENTATION = "abft"
 
 
-def key_padding_mask(attention_mask: Optional[torch.Tensor] = None, kv_length: Optional[int] = None, **_):
-    """Mask function: bool [B, kv_length] (True = real token) of the last kv_length positions, None if nothing is padded.
+def abft_mask_function(attention_mask: Optional[torch.Tensor] = None, kv_length: Optional[int] = None, **_):
+    """Mask function: bool [B, kv_length] (True = real token) of the last kv_length positions, or None when
+    nothing is padded.
 
     A mask shorter than kv_length (a static cache) is returned as is; the attention function refuses it.
     """
@@ -50,51 +52,58 @@ def abft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     # The module's flag says whether the attention is causal. The is_causal keyword is no substitute: transformers
     # 4.57's GPT-2 passes is_causal=False whenever a mask is given, meaning "the mask carries causality".
     causal = getattr(module, "is_causal", True)
-    sliding_window = kwargs.get("sliding_window")
     q_len, kv_len = query.shape[2], key.shape[2]
+    sliding_window = kwargs.get("sliding_window")
     # A window only matters when some query would see keys further back than it.
     window = sliding_window if sliding_window is not None and kv_len > sliding_window else None
-
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != kv_len:
         raise ValueError(
             f"attn_implementation='abft' got a padding mask over {attention_mask.shape[1]} keys for {kv_len} keys: "
             "static caches are not supported, use the default DynamicCache")
-    if abft is None:
-        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window,
-                                kwargs.get("position_ids"))
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is None and query.shape[0] == 1 and q_len > 1 and position_ids is not None:
+        _refuse_packed_sequences(position_ids)
 
-    if not isinstance(abft, LabelSpec):
-        raise ValueError(f"abft must be an abft_kernels.hf.LabelSpec, got {type(abft).__name__}")
-    if q_len != kv_len:
-        raise ValueError(
-            f"abft= needs the whole sequence in one forward, but this layer has {q_len} queries over {kv_len} "
-            "cached keys: call the model without past key values (use_cache does not matter)")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"abft= needs a 2-D attention_mask [B, N] (True/1 = real token), got a {attention_mask.dim()}-D mask")
-    if window is not None:
-        raise ValueError(
-            f"abft= does not support a sliding window ({sliding_window}) shorter than the sequence ({kv_len}): "
-            "shorten the prompts or raise the config's sliding_window")
-    if dropout > 0:
-        raise ValueError(
-            f"abft= does not support attention dropout (p={dropout}): call model.eval() or set the config's "
-            "attention dropout to 0")
+    if abft is None:
+        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window)
+    _check_label_call(abft, q_len, kv_len, attention_mask, window, dropout)
+    call = current_call.get()
+    if call is not None and call.spec is abft:
+        call.used = True
+        call.masses_without_grad |= call.grad_enabled and not torch.is_grad_enabled()
     out, mass = label_attention(query, key, value, abft.key_class, abft.num_classes, query_rows=abft.query_rows,
                                 causal=causal, scale=scaling, key_padding_mask=attention_mask, backend=abft.backend)
     return out.transpose(1, 2).contiguous(), mass
 
 
-def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window, position_ids):
+def _check_label_call(abft, q_len: int, kv_len: int, attention_mask, window: Optional[int], dropout: float) -> None:
+    """What label_attention cannot do exactly is refused: it sees one whole causal sequence with key padding."""
+    if not isinstance(abft, LabelSpec):
+        raise ValueError(f"abft must be an abft_kernels.hf.LabelSpec, got {type(abft).__name__}")
+    if q_len != kv_len:
+        raise ValueError(
+            f"abft= needs the whole sequence in one forward, but this layer has {q_len} queries over {kv_len} "
+            "cached keys: call the model without past key values")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"abft= needs a 2-D attention_mask [B, N] (True/1 = real token), got a {attention_mask.dim()}-D mask")
+    if window is not None:
+        raise ValueError(
+            f"abft= does not support a sliding window ({window}) shorter than the sequence ({kv_len}): "
+            "shorten the prompts or raise the config's sliding_window")
+    if dropout > 0:
+        raise ValueError(
+            f"abft= does not support attention dropout (p={dropout}): call model.eval() or set the config's "
+            "attention dropout to 0")
+
+
+def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    batch, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
+    q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.dim() == 4:  # a custom mask the caller built: use as is
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=False)
-    if attention_mask is None and batch == 1 and q_len > 1 and position_ids is not None:
-        _refuse_packed_sequences(position_ids)
     if window is not None and not causal:
         raise ValueError("attn_implementation='abft' supports sliding windows on causal attention only")
     if attention_mask is None and window is None and (not causal or q_len in (1, kv_len)):

@@ -11,12 +11,13 @@ from ..label_attention import BACKENDS
 
 def _check_index_tensor(name: str, t, shape_hint: str) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D integer tensor {shape_hint}, got {getattr(t, 'shape', type(t).__name__)}")
+        got = getattr(t, "shape", type(t).__name__)
+        raise ValueError(f"{name} must be a 2-D integer tensor {shape_hint}, got {got}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields are tensors
 class LabelSpec:
     """Pass as `model(..., abft=LabelSpec(...), output_attentions=True)` to get every layer's label masses.
 

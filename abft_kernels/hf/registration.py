@@ -11,7 +11,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-from .attention import ATTN_IMPLEMENTATION, abft_attention_forward, key_padding_mask
+from .attention import ATTN_IMPLEMENTATION, abft_attention_forward, abft_mask_function
 
 _TRIGGER_MODULE = "transformers.modeling_utils"
 
@@ -22,7 +22,7 @@ def register_abft_attention() -> None:
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, abft_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, key_padding_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, abft_mask_function)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
