@@ -28,11 +28,7 @@ row_mass_grad_q_kernel(RowMassProblem p, const float* grad_mass, const float* ma
   const int lane = threadIdx.x % kWarpSize;
   const int group = lane / kLanesPerKey;
   const int sub = lane % kLanesPerKey;
-  const int slot = static_cast<int>(item % p.num_rows);
-  const int head = static_cast<int>((item / p.num_rows) % p.num_q_heads);
-  const int batch = static_cast<int>(item / (static_cast<int64_t>(p.num_rows) * p.num_q_heads));
-  const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  const int64_t row = p.query_rows[static_cast<int64_t>(batch) * p.num_rows + slot];
+  const RowItem<T, kHeadDim> r(p, item);
   const float* row_grad_mass = grad_mass + item * p.num_classes;
   const float* row_mass = mass + item * p.num_classes;
 
@@ -45,25 +41,16 @@ row_mass_grad_q_kernel(RowMassProblem p, const float* grad_mass, const float* ma
 
   const float row_lse = lse[item];
   float dq[Layout::kElemsPerLane] = {};
-  if (row >= 0 && row_lse != -INFINITY) {
-    const T* q_row = static_cast<const T*>(p.q) +
-                     ((static_cast<int64_t>(batch) * p.num_q_heads + head) * p.seq_len + row) * kHeadDim;
-    const T* keys = static_cast<const T*>(p.k) +
-                    (static_cast<int64_t>(batch) * p.num_kv_heads + kv_head) * p.seq_len * kHeadDim;
-    const int64_t* key_class = p.key_class + static_cast<int64_t>(batch) * p.seq_len;
-    const bool* key_real =
-        p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + static_cast<int64_t>(batch) * p.seq_len;
-    const int key_end = key_end_of_row(row, p.seq_len, p.causal);
-
+  if (r.row >= 0 && row_lse != -INFINITY) {
     float q_frag[Layout::kElemsPerLane];
-    Layout::load(q_row, sub, q_frag);
-    for (int first_key = 0; first_key < key_end; first_key += kKeysPerWarp) {
+    Layout::load(r.q_row, sub, q_frag);
+    for (int first_key = 0; first_key < r.key_end; first_key += kKeysPerWarp) {
       const int key = first_key + group;
       float k_frag[Layout::kElemsPerLane] = {};
-      if (key < key_end) Layout::load(keys + static_cast<int64_t>(key) * kHeadDim, sub, k_frag);
+      if (key < r.key_end) Layout::load(r.keys + static_cast<int64_t>(key) * kHeadDim, sub, k_frag);
       const float key_dot = group_sum<kLanesPerKey>(dot(q_frag, k_frag));
-      if (key < key_end && (key_real == nullptr || key_real[key])) {
-        const int label = static_cast<int>(key_class[key]);
+      if (key < r.key_end && (r.key_real == nullptr || r.key_real[key])) {
+        const int label = static_cast<int>(r.key_class[key]);
         const float grad_prob = label >= 0 ? row_grad_mass[label] : 0.f;
         const float grad_score = expf(key_dot * p.scale - row_lse) * (grad_prob - row_delta);
 #pragma unroll

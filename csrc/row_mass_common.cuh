@@ -132,6 +132,37 @@ __device__ inline int key_end_of_row(int64_t row, int seq_len, bool causal) {
   return causal ? static_cast<int>(row) + 1 : seq_len;
 }
 
+// What a warp of the forward or grad_q kernel works on: one (batch, q head, slot) item, the row it
+// selects (-1 = empty slot) and pointers to that row's query and to its batch's keys and metadata.
+template <typename T, int kHeadDim>
+struct RowItem {
+  int64_t item;
+  int batch, head, kv_head, slot;
+  int64_t row;
+  const T* q_row;              // valid when row >= 0
+  const T* keys;               // [seq_len, kHeadDim] of the row's KV head
+  const int64_t* key_class;    // [seq_len]
+  const bool* key_real;        // [seq_len], or nullptr when nothing is padded
+  int key_end;                 // keys [0, key_end) can be visible (causality)
+
+  __device__ RowItem(const RowMassProblem& p, int64_t warp_item) : item(warp_item) {
+    slot = static_cast<int>(item % p.num_rows);
+    head = static_cast<int>((item / p.num_rows) % p.num_q_heads);
+    batch = static_cast<int>(item / (static_cast<int64_t>(p.num_rows) * p.num_q_heads));
+    kv_head = head / (p.num_q_heads / p.num_kv_heads);
+    row = p.query_rows[static_cast<int64_t>(batch) * p.num_rows + slot];
+    const int64_t batch_offset = static_cast<int64_t>(batch) * p.seq_len;
+    q_row = row < 0 ? nullptr
+                    : static_cast<const T*>(p.q) +
+                          ((static_cast<int64_t>(batch) * p.num_q_heads + head) * p.seq_len + row) * kHeadDim;
+    keys = static_cast<const T*>(p.k) +
+           (static_cast<int64_t>(batch) * p.num_kv_heads + kv_head) * p.seq_len * kHeadDim;
+    key_class = p.key_class + batch_offset;
+    key_real = p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + batch_offset;
+    key_end = row < 0 ? 0 : key_end_of_row(row, p.seq_len, p.causal);
+  }
+};
+
 template <typename T, int kHeadDim>
 struct KernelConfig {
   using Elem = T;

@@ -23,36 +23,23 @@ row_mass_forward_kernel(RowMassProblem p, float* mass, float* lse) {
   const int lane = threadIdx.x % kWarpSize;
   const int group = lane / kLanesPerKey;
   const int sub = lane % kLanesPerKey;
-  const int slot = static_cast<int>(item % p.num_rows);
-  const int head = static_cast<int>((item / p.num_rows) % p.num_q_heads);
-  const int batch = static_cast<int>(item / (static_cast<int64_t>(p.num_rows) * p.num_q_heads));
-  const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  const int64_t row = p.query_rows[static_cast<int64_t>(batch) * p.num_rows + slot];
+  const RowItem<T, kHeadDim> r(p, item);
 
   float running_max = -INFINITY;
   float running_sum = 0.f;
   float class_sum[kClassesPerLane] = {};
-  if (row >= 0) {
-    const T* q_row = static_cast<const T*>(p.q) +
-                     ((static_cast<int64_t>(batch) * p.num_q_heads + head) * p.seq_len + row) * kHeadDim;
-    const T* keys = static_cast<const T*>(p.k) +
-                    (static_cast<int64_t>(batch) * p.num_kv_heads + kv_head) * p.seq_len * kHeadDim;
-    const int64_t* key_class = p.key_class + static_cast<int64_t>(batch) * p.seq_len;
-    const bool* key_real =
-        p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + static_cast<int64_t>(batch) * p.seq_len;
-    const int key_end = key_end_of_row(row, p.seq_len, p.causal);
-
+  if (r.row >= 0) {
     float q_frag[Layout::kElemsPerLane];
-    Layout::load(q_row, sub, q_frag);
-    for (int tile = 0; tile < key_end; tile += kWarpSize) {
+    Layout::load(r.q_row, sub, q_frag);
+    for (int tile = 0; tile < r.key_end; tile += kWarpSize) {
       // Step s: group g scores key tile + s * kKeysPerWarp + g; lane l = s * kKeysPerWarp + g takes it.
       float my_dot = 0.f;
       for (int step = 0; step < kWarpSize / kKeysPerWarp; ++step) {
         const int key = tile + step * kKeysPerWarp + group;
         float partial = 0.f;
-        if (key < key_end) {
+        if (key < r.key_end) {
           float k_frag[Layout::kElemsPerLane];
-          Layout::load(keys + static_cast<int64_t>(key) * kHeadDim, sub, k_frag);
+          Layout::load(r.keys + static_cast<int64_t>(key) * kHeadDim, sub, k_frag);
           partial = dot(q_frag, k_frag);
         }
         const float key_dot = __shfl_sync(kFullMask, group_sum<kLanesPerKey>(partial),
@@ -60,7 +47,7 @@ row_mass_forward_kernel(RowMassProblem p, float* mass, float* lse) {
         if (lane / kKeysPerWarp == step) my_dot = key_dot;
       }
       const int key = tile + lane;
-      const bool visible = key < key_end && (key_real == nullptr || key_real[key]);
+      const bool visible = key < r.key_end && (r.key_real == nullptr || r.key_real[key]);
       const float score = visible ? my_dot * p.scale : -INFINITY;
       const float new_max = fmaxf(running_max, warp_max(score));
       if (new_max == -INFINITY) continue;  // nothing visible so far (same on every lane)
@@ -70,7 +57,7 @@ row_mass_forward_kernel(RowMassProblem p, float* mass, float* lse) {
 #pragma unroll
       for (int i = 0; i < kClassesPerLane; ++i) class_sum[i] *= rescale;
       // Add the labelled keys' probabilities in lane order: deterministic, cost ∝ labelled keys.
-      const int key_label = visible ? static_cast<int>(key_class[key]) : -1;
+      const int key_label = visible ? static_cast<int>(r.key_class[key]) : -1;
       unsigned labelled = __ballot_sync(kFullMask, key_label >= 0);
       while (labelled != 0) {
         const int source = __ffs(labelled) - 1;
