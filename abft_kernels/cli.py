@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,19 @@ def run_example(args: argparse.Namespace) -> None:
           f"|dL/dq| {q.grad.norm().item():.4f}")
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    """The benchmark runner, benchmarks/run.py of the source checkout this package is installed from (-e)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "run.py").is_file():
+        raise SystemExit("abft bench needs the source checkout's benchmarks/ (it is not part of the installed "
+                         "package): clone the repository, pip install -e . there, and run abft bench "
+                         "or python -m benchmarks.run from it")
+    sys.path.insert(0, str(root))
+    from benchmarks.run import main as run_benchmarks
+
+    run_benchmarks(args.bench_args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="abft", description="Attention Behavior Fine-Tuning kernels and tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,7 +65,14 @@ def main(argv=None) -> None:
         command = commands.add_parser(name, help=help_text)
         workflow.add_arguments(command, name)
         command.set_defaults(func=run)
-    args = parser.parse_args(argv)
+    bench = commands.add_parser("bench", add_help=False,
+                                help="benchmark suite (source checkout); options as python -m benchmarks.run --help")
+    bench.set_defaults(func=run_bench)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = unknown  # every option after `bench` belongs to the benchmark runner
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.func(args)
 
 

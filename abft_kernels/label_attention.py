@@ -37,7 +37,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if q.is_cuda and backend_available("triton"):
+    if q.is_cuda and q.dtype != torch.float64 and backend_available("triton"):  # the kernel has no fp64 path
         return "triton"
     return "torch"
 

@@ -1,0 +1,44 @@
+"""LabelSpec: the label information one forward call carries to every attention layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..label_attention import BACKENDS
+
+
+def _check_index_tensor(name: str, t, shape_hint: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        got = getattr(t, "shape", type(t).__name__)
+        raise ValueError(f"{name} must be a 2-D integer tensor {shape_hint}, got {got}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields are tensors
+class LabelSpec:
+    """Pass as `model(..., abft=LabelSpec(...), output_attentions=True)` to get every layer's label masses.
+
+    key_class int [B, N]: class of each token as a key (-1 = not a label token, else 0..num_classes-1), N the
+    length of input_ids. query_rows int [B, R]: the positions whose masses are returned (-1 = empty slot), or
+    None for every position. backend: the label_attention backend ("auto" picks the fastest for the device).
+    """
+
+    key_class: torch.Tensor
+    query_rows: Optional[torch.Tensor]
+    num_classes: int
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _check_index_tensor("key_class", self.key_class, "[B, N]")
+        if self.query_rows is not None:
+            _check_index_tensor("query_rows", self.query_rows, "[B, R]")
+            if self.query_rows.shape[0] != self.key_class.shape[0]:
+                raise ValueError(f"query_rows must have B={self.key_class.shape[0]} rows like key_class, "
+                                 f"got shape {tuple(self.query_rows.shape)}")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

@@ -1,0 +1,168 @@
+"""Model level: one ABFT training step (forward with masses, abft_loss, backward) on a random-initialised Llama.
+
+Only W_Q and W_K train, as in the paper, so backward computes their gradients and the activation
+gradients that reach them; there is no optimizer step and no LM head (the ABFT loss needs neither).
+The prompt is laid out like the kernel level's (benchmarks/shapes.py): random token ids, a label token of
+a random class every DEMO_LEN tokens (token id = class id), the query is the last token, its gold class random.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import abft_kernels as ak
+from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
+
+from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
+
+# Shapes of public checkpoints; the weights are random (timing needs no trained weights).
+MODEL_CONFIGS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+}
+FULL_GPU_MODELS = ("llama-3.2-1b", "llama-3-8b")
+CPU_MODELS = ("smollm2-135m",)
+FULL_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+QUICK_SEQ_LENS = (256,)
+NUM_CLASSES = 4
+DEMO_LEN = 64
+
+
+@dataclass
+class ModelBatch:
+    input_ids: torch.Tensor  # [B, N]
+    key_class: torch.Tensor  # [B, N], -1 = not a label token
+    query_rows: torch.Tensor  # [B, 1]: the last token
+    target_class: torch.Tensor  # [B, 1]
+
+
+def make_batch(vocab_size: int, seq_len: int, device: torch.device, batch: int = 1, seed: int = 0) -> ModelBatch:
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(NUM_CLASSES, vocab_size, (batch, seq_len), generator=gen)
+    labels = torch.arange(1, (seq_len - 1) // DEMO_LEN + 1) * DEMO_LEN - 2
+    classes = torch.randint(0, NUM_CLASSES, (batch, len(labels)), generator=gen)
+    input_ids[:, labels] = classes
+    key_class = torch.full((batch, seq_len), -1, dtype=torch.long)
+    key_class[:, labels] = classes
+    query_rows = torch.full((batch, 1), seq_len - 1, dtype=torch.long)
+    target_class = torch.randint(0, NUM_CLASSES, (batch, 1), generator=gen)
+    return ModelBatch(*(t.to(device) for t in (input_ids, key_class, query_rows, target_class)))
+
+
+# Each method switches the model's attention and returns (the model's keyword arguments for one call,
+# a function from the model's outputs to the per-layer masses [B,H,R,C]).
+def eager_masses(model, batch: ModelBatch):
+    model.set_attn_implementation("eager")
+    one_hot = (batch.key_class[:, None, :, None] == torch.arange(NUM_CLASSES, device=batch.key_class.device))
+
+    def masses(outputs):
+        result = []
+        for probs in outputs.attentions:  # [B, H, N, N]
+            rows = batch.query_rows[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[-1])
+            result.append((probs.gather(2, rows) @ one_hot.to(probs.dtype)).float())
+        return result
+
+    return {}, masses
+
+
+def hf_masses(backend: str):
+    def setup(model, batch: ModelBatch):
+        apply_abft(model)
+        spec = LabelSpec(batch.key_class, batch.query_rows, NUM_CLASSES, backend=backend)
+        return {"abft": spec}, lambda outputs: list(outputs.attentions)
+
+    return setup
+
+
+@dataclass(frozen=True)
+class ModelMethod:
+    name: str
+    description: str
+    backend: Optional[str]  # label_attention backend, None for eager
+    setup: Callable
+
+
+MODEL_METHODS = {m.name: m for m in (
+    ModelMethod("eager", "attn_implementation='eager', output_attentions=True, masses = P[query]·Y", None,
+                eager_masses),
+    ModelMethod("sdpa_torch", "attn_implementation='abft' with LabelSpec(backend='torch'): SDPA + row recompute",
+                "torch", hf_masses("torch")),
+    ModelMethod("abft", "attn_implementation='abft' with LabelSpec(backend='auto'): the default", "auto",
+                hf_masses("auto")),
+)}
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype, max_seq_len: int):
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(**MODEL_CONFIGS[name], max_position_embeddings=max_seq_len, attn_implementation="eager")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaModel._from_config(config, dtype=dtype)
+    trainable_qk(model)
+    model.train()
+    if device.type == "cuda":  # activation memory, not attention memory, limits long prompts on big models
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def eager_memory(model, seq_len: int) -> float:
+    """The weights plus every layer's returned P (input dtype) and the fp32 softmax it came from."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    elem = torch.finfo(model.dtype).bits // 8
+    return weights + config.num_hidden_layers * config.num_attention_heads * seq_len ** 2 * (elem + 4)
+
+
+def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
+    """Returns the loss and the mean label mass S over layers and heads (loss is 0 until a head passes
+    the induction filter, so S is what shows that methods agree on a random model)."""
+    outputs = model(input_ids=batch.input_ids, output_attentions=True, use_cache=False, **kwargs)
+    loss, info = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), info.label_mass.mean()
+
+
+def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int):
+    """Result rows of every (N, method) on model `name`; see measure_model."""
+    built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens))}, device)
+    model = built.pop("model", None)
+    for seq_len in seq_lens:
+        for method in methods:
+            backend = None if method.backend is None else ak.resolve_backend(method.backend, torch.empty(0, device=device))
+            row = {"level": "model", "model": name, "method": method.name, "backend": backend, "seq_len": seq_len,
+                   "batch": 1, "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES,
+                   "dtype": str(dtype)[6:], "gradient_checkpointing": device.type == "cuda"}
+            if model is None:
+                yield {**row, "status": built["status"], "reason": "building the model failed: " + built["reason"]}
+            else:
+                yield {**row, **measure_model(model, method, seq_len, device, reps)}
+
+
+def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int) -> dict:
+    """Status and, when ok: median_ms of `reps` steps after one warm-up step, peak_memory_gib (None off
+    CUDA), and the warm-up step's loss and mean label mass (the same for every method, up to rounding)."""
+    reason = too_big(eager_memory(model, seq_len), device) if method.name == "eager" else None
+    if reason is not None:
+        return {"status": "skipped", "reason": reason}
+
+    def measure():
+        batch = make_batch(model.config.vocab_size, seq_len, device)
+        kwargs, masses_of = method.setup(model, batch)
+
+        def step():
+            abft_step(model, batch, kwargs, masses_of)
+
+        loss, label_mass = abft_step(model, batch, kwargs, masses_of)
+        median_ms = wall_median_ms(step, device, 0, reps)
+        return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device), "loss": loss.item(),
+                "mean_label_mass": label_mass.item()}
+
+    return guarded(measure, device)

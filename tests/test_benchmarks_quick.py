@@ -1,0 +1,92 @@
+"""The benchmark runner's quick mode on CPU: it runs end to end and writes well-formed results for every
+compared method. No timing assertions (performance lives in benchmarks/, not in tests)."""
+import json
+import math
+
+import pytest
+import torch
+
+from abft_kernels import cli
+from benchmarks import run
+from benchmarks.methods import METHODS
+from benchmarks.model_level import MODEL_METHODS
+
+CPU = torch.device("cpu")
+STATUSES = {"ok", "OOM", "skipped", "unavailable", "error"}
+
+
+def _reject_nan(constant):
+    raise AssertionError(f"JSON holds {constant}, which is not valid JSON")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    return out, json.loads((out / "quick.json").read_text(), parse_constant=_reject_nan)
+
+
+def test_quick_mode_records_its_environment(quick_results):
+    _, results = quick_results
+    assert results["mode"] == "quick" and results["command"].startswith("python -m benchmarks.run --quick")
+    for key in ("device", "torch", "triton", "transformers", "date", "commit"):
+        assert key in results["environment"], key
+
+
+def test_every_kernel_method_runs_or_says_why_not(quick_results):
+    _, results = quick_results
+    rows = results["kernel"]
+    assert {r["method"] for r in rows} == set(METHODS)
+    assert {(r["rows"], r["mode"]) for r in rows} == {(s, m) for s in ("last", "demos", "all") for m in run.MODES}
+    for r in rows:
+        assert r["status"] in STATUSES
+        expected = "ok" if METHODS[r["method"]].unavailable(CPU, r["mode"] == "fwd+bwd") is None else "unavailable"
+        assert r["status"] == expected, r
+        if expected == "ok":
+            assert r["median_ms"] > 0 and r["tflops"] > 0 and r["peak_memory_gib"] is None
+        else:
+            assert r["reason"]
+    for name in ("eager", "sdpa", "torch", "sdpa_onehot"):  # these run on any device
+        assert any(r["method"] == name and r["status"] == "ok" for r in rows), name
+
+
+def test_masses_of_every_method_match_the_exact_ones(quick_results):
+    _, results = quick_results
+    checked = [r for r in results["kernel"] if r["status"] == "ok" and r["mode"] == "fwd"
+               and METHODS[r["method"]].computes_masses]
+    assert {r["method"] for r in checked} >= {"eager", "torch", "sdpa_onehot"}
+    for r in checked:
+        assert math.isfinite(r["mass_rel_err"]) and r["mass_rel_err"] < 2e-2, r  # bf16 inputs
+
+
+def test_every_model_method_runs_and_agrees(quick_results):
+    _, results = quick_results
+    rows = results["model"]
+    assert [r["method"] for r in rows] == list(MODEL_METHODS)
+    assert {r["model"] for r in rows} == {"smollm2-135m"}
+    assert {r["method"]: r["backend"] for r in rows} == {"eager": None, "sdpa_torch": "torch", "abft": "torch"}
+    eager = rows[0]
+    for r in rows:
+        assert r["status"] == "ok" and r["median_ms"] > 0, r
+        # every method computes the same masses (fp32 on CPU)
+        assert r["mean_label_mass"] == pytest.approx(eager["mean_label_mass"], rel=1e-4), r
+        assert r["loss"] == pytest.approx(eager["loss"], rel=1e-4, abs=1e-6), r
+
+
+def test_tables_and_plots_are_written(quick_results):
+    out, results = quick_results
+    table = (out / "quick.md").read_text()
+    assert "Quick mode" in table and results["command"] in table
+    for r in results["kernel"] + results["model"]:
+        if r["status"] == "ok":
+            assert f" {r['method']} |" in table
+    assert results["plots"]
+    for name in results["plots"]:
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_abft_bench_runs_the_runner(tmp_path):
+    cli.main(["bench", "--quick", "--levels", "kernel", "--methods", "sdpa", "--rows", "last", "--modes", "fwd",
+              "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "quick.json").read_text())
+    assert [r["status"] for r in results["kernel"]] == ["ok", "ok"]
