@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .hf import LabelSpec
 from .icl.prompts import ICLCollator, ICLPrompt
 from .loss import abft_loss
 
@@ -50,8 +51,6 @@ def reset_peak_memory(device: torch.device) -> None:
 def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int], pad_token_id: int,
              batch_size: int = 16, progress: bool = True, desc: str = "eval") -> EvalResult:
     """Accuracy and per-(layer, head) label attention of `model` (loaded with attn_implementation="abft")."""
-    from .hf import LabelSpec
-
     device = next(model.parameters()).device
     reset_peak_memory(device)
     was_training = model.training
@@ -105,9 +104,9 @@ def save_heatmap(path: Path, before: EvalResult, after: Optional[EvalResult] = N
     for ax, (name, values) in zip(axes[0], panels):
         if name == "after - before":
             bound = max(float(values.abs().max()), 1e-6)
-            image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound)
+            image = ax.imshow(values.numpy(), aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound)
         else:
-            image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+            image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=top)
         ax.set_title(name)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")

@@ -69,8 +69,8 @@ def resolve_model(name_or_path: Optional[str]) -> str:
 
 
 def load_model(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) with the ABFT attention; the tokenizer always has a pad token."""
-    import abft_kernels  # noqa: F401  (registers attn_implementation="abft")
+    """(model, tokenizer) with attn_implementation="abft" (registered by importing abft_kernels); the tokenizer
+    always has a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from .hf import LabelSpec, trainable_qk
 from .loss import PIDController, abft_loss
 
 WEIGHTS_FILE = "abft_weights.safetensors"
@@ -39,7 +42,8 @@ def abft_training_arguments(output_dir: str, *, learning_rate: float = 2e-5, ste
                             prompts_per_step: int = 32, micro_batch: int = 8, seed: int = 42,
                             save_steps: int = 8, **overrides: Any) -> TrainingArguments:
     """The paper's optimiser: Adam (AdamW without weight decay), constant lr, no clipping, `prompts_per_step`
-    prompts per step by gradient accumulation over `micro_batch`-sized batches on every process."""
+    prompts per step by gradient accumulation over `micro_batch`-sized batches on every process. A checkpoint
+    every `save_steps` steps (0: none), the last two kept. `overrides`: any other TrainingArguments."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if prompts_per_step % (micro_batch * world_size):
         raise ValueError(f"prompts_per_step={prompts_per_step} must be a multiple of micro_batch={micro_batch} "
@@ -48,9 +52,11 @@ def abft_training_arguments(output_dir: str, *, learning_rate: float = 2e-5, ste
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=prompts_per_step // (micro_batch * world_size),
         learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-        optim="adamw_torch", seed=seed, logging_steps=1, save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500, remove_unused_columns=False, report_to="none", dataloader_num_workers=0,
+        optim="adamw_torch", seed=seed, logging_steps=1, save_strategy="no", remove_unused_columns=False,
+        report_to="none",
     )
+    if save_steps:
+        settings.update(save_strategy="steps", save_steps=save_steps, save_total_limit=2)
     settings.update(overrides)
     return TrainingArguments(**settings)
 
@@ -91,11 +97,11 @@ class ABFTProgressCallback(ProgressCallback):
         self.controller = controller
 
     def on_step_end(self, args, state, control, **kwargs):
-        super().on_step_end(args, state, control, **kwargs)
-        last = self.controller.last
+        last = self.controller.last  # the controller's on_step_end ran first: it was added before this callback
         if self.training_bar is not None and last:
-            self.training_bar.set_postfix(loss=f"{last['abft_loss']:.3f}", heads=f"{last['counted_heads']:.1f}",
-                                          A=f"{last['A']:.3f}")
+            self.training_bar.set_postfix({"loss": f"{last['abft_loss']:.3f}", "heads": f"{last['counted_heads']:.1f}",
+                                           "A": f"{last['A']:.3f}"}, refresh=False)
+        super().on_step_end(args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "train_runtime" in (logs or {}):  # per-step values are on the bar; print only the summary
@@ -128,8 +134,6 @@ class ABFTTrainer(Trainer):
             raise ValueError("the model has no trainable parameters: call abft_kernels.hf.trainable_qk(model) first")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .hf import LabelSpec
-
         spec = LabelSpec(inputs["key_class"], inputs["query_rows"], self.num_classes)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], abft=spec,
                         output_attentions=True, use_cache=False, logits_to_keep=1)
@@ -163,8 +167,6 @@ class ABFTTrainer(Trainer):
 
 
 def save_trained_weights(folder, tensors: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(folder / WEIGHTS_FILE))
@@ -173,15 +175,12 @@ def save_trained_weights(folder, tensors: Dict[str, torch.Tensor], config: Dict[
 
 def load_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
     """Copy the saved tensors into `model` (whose LoRA adapters, if any, already exist); returns the config."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise ValueError(f"{folder} holds no {WEIGHTS_FILE}: not an ABFT output or checkpoint folder")
     config = json.loads((folder / CONFIG_FILE).read_text())
     tensors = load_file(str(folder / WEIGHTS_FILE))
-    # Works on plain, DDP and FSDP-wrapped models alike; strict=False because only Q/K tensors are given.
+    # torch's loader for plain, DDP and FSDP-wrapped modules; strict=False because only Q/K tensors are given.
     result = set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
     if result.unexpected_keys:
         raise ValueError(f"{folder / WEIGHTS_FILE} has tensors the model lacks: {result.unexpected_keys[:3]}")
@@ -191,8 +190,6 @@ def load_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
 def apply_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
     """Load an ABFT output folder onto its (freshly loaded) base model: adds the LoRA adapters when it was
     trained with LoRA, then copies the trained tensors. Returns the folder's config."""
-    from .hf import trainable_qk
-
     config = json.loads((Path(folder) / CONFIG_FILE).read_text())
     if config.get("lora"):
         trainable_qk(model, lora=config["lora"])

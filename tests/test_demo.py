@@ -1,6 +1,8 @@
 """`abft demo --quick` end to end (what CI runs), then `abft eval --weights` on its output."""
 import json
 
+import pytest
+
 from abft_fixtures import needs_builtin
 from abft_kernels.cli import main
 
@@ -20,14 +22,17 @@ def test_quick_demo_then_eval_of_its_weights(tmp_path, capsys):
     assert before["num_prompts"] == after["num_prompts"] == 16
     assert len(before["gold_mass"]) == 30 and len(before["gold_mass"][0]) == 9  # SmolLM2: 30 layers, 9 heads
     assert [h["step"] for h in report["training_log"] if "abft_loss" in h] == [1, 2]
-    assert report["settings"]["lr"] == 1e-3 and report["settings"]["k"] == 4
+    assert report["settings"]["lr"] == 5e-4 and report["settings"]["k"] == 4
     assert (demo_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert after["gold_mass"] != before["gold_mass"]  # training moved the attention
 
-    # The saved weights reproduce the demo's "after" on the same held-out prompts.
-    main(["eval", "--weights", str(demo_dir), "--eval-prompts", "16", "--max-chars", "100",
-          "--output-dir", str(eval_dir)])
+    # The saved weights reproduce the demo's "after" on the same held-out prompts (split settings from the run).
+    main(["eval", "--weights", str(demo_dir), "--output-dir", str(eval_dir)])
     evaluated = json.loads((eval_dir / "report.json").read_text())
     assert evaluated["before"]["predictions"] == before["predictions"]
     assert evaluated["after"]["predictions"] == after["predictions"]
     assert abs(evaluated["after"]["mean_gold_mass"] - after["mean_gold_mass"]) < 1e-5
+    with pytest.raises(ValueError, match="overlap the training pool"):
+        main(["eval", "--weights", str(demo_dir), "--max-chars", "1024", "--output-dir", str(eval_dir)])
+    with pytest.raises(ValueError, match="exceeds the training run's held-out set"):
+        main(["eval", "--weights", str(demo_dir), "--eval-prompts", "17", "--output-dir", str(eval_dir)])
