@@ -126,7 +126,7 @@ class ABFTTrainer(Trainer):
         s = self.settings
         self.controller = ABFTController(PIDController(s.A0, s.kp, s.ki, s.kd), s.B)
         self.add_callback(self.controller)
-        if not self.args.disable_tqdm:
+        if any(type(cb) is ProgressCallback for cb in self.callback_handler.callbacks):  # a console bar
             self.remove_callback(ProgressCallback)
             self.add_callback(ABFTProgressCallback(self.controller))
         self.trained_names = [name for name, p in self.model.named_parameters() if p.requires_grad]

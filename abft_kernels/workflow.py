@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from .icl import DEFAULT_TASK, ICLCollator, PromptBuilder, Template, load_task, sample_prompts, training_prompts
+from .icl import (DEFAULT_TASK, PAPER_TASKS, ICLCollator, PromptBuilder, Template, load_task, sample_prompts,
+                  training_prompts)
 from .models import DEFAULT_MODEL
 
 # transformers' Trainer and the model code are imported inside the commands: `abft example` stays fast.
@@ -35,7 +36,7 @@ DEMO = {**PAPER, "lr": 5e-4, "steps": 16, "prompts_per_step": 16, "train_prompts
 # `abft demo --quick`: a smoke run (CI).
 QUICK = {**DEMO, "steps": 2, "prompts_per_step": 4, "micro_batch": 4, "train_prompts": 8, "eval_prompts": 16,
          "max_chars": 100}
-EVAL_SEED_OFFSET = 1  # held-out prompts draw their demonstrations with seed + 1, training prompts with seed + 2
+EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET = 1, 2  # seeds of the held-out prompts' demonstrations and of training prompts
 # What decides the held-out split: `abft eval --weights` must use the training run's values.
 SPLIT_SETTINGS = ("dataset", "text_column", "label_column", "max_chars", "seed")
 
@@ -89,11 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--quick", action="store_true", help="smoke-size run (seconds, for CI)")
 
 
-def fill_defaults(args: argparse.Namespace, preset: dict) -> argparse.Namespace:
+def fill_defaults(args: argparse.Namespace, preset: dict) -> None:
     for name, value in preset.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    return args
 
 
 def _setup(args) -> torch.device:
@@ -106,8 +106,6 @@ def _setup(args) -> torch.device:
 
 
 def _template(args, saved: Optional[dict] = None) -> Optional[Template]:
-    from .icl import PAPER_TASKS
-
     if args.label_words:
         return Template(args.input_prefix, args.label_prefix, tuple(w.strip() for w in args.label_words.split(",")))
     if args.template:
@@ -163,7 +161,7 @@ def train_on_task(model, tokenizer, task, args, save_steps: int = 0, resume: boo
     device = next(model.parameters()).device
     trainable_qk(model, lora=args.lora)
     builder = PromptBuilder(tokenizer, task.template)
-    prompts = training_prompts(builder, task.train, args.k, args.train_prompts, seed=args.seed + 2)
+    prompts = training_prompts(builder, task.train, args.k, args.train_prompts, seed=args.seed + TRAIN_SEED_OFFSET)
     training_args = abft_training_arguments(
         args.output_dir, learning_rate=args.lr, steps=args.steps, prompts_per_step=args.prompts_per_step,
         micro_batch=args.micro_batch, seed=args.seed, save_steps=save_steps, bf16=args.bf16,
@@ -209,7 +207,7 @@ def format_table(title: str, before, after=None, train_seconds: Optional[float] 
     return "\n".join(lines)
 
 
-def _finish(args, title, before, after=None, **extra) -> str:
+def _finish(args, title, before, after=None, **extra) -> None:
     from .evaluation import save_heatmap, save_report
 
     out = Path(args.output_dir)
@@ -219,7 +217,6 @@ def _finish(args, title, before, after=None, **extra) -> str:
     save_heatmap(out / "heatmap.png", before, after, title=title)
     table = format_table(title, before, after, extra.get("train_seconds"), extra.get("train_peak_memory_mb"))
     print("\n" + table + f"\n\nreport: {out / 'report.json'}  heatmap: {out / 'heatmap.png'}")
-    return table
 
 
 def run_train(args) -> None:
