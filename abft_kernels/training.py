@@ -64,8 +64,8 @@ def abft_training_arguments(output_dir: str, *, learning_rate: float = 2e-5, ste
 class ABFTController(TrainerCallback):
     """Collects what the loss saw over one optimiser step and updates A once per step (PID)."""
 
-    def __init__(self, pid: PIDController, B: float):
-        self.pid, self.B = pid, B
+    def __init__(self, pid: PIDController):
+        self.pid = pid
         self.last: Dict[str, float] = {}
         self._sums = torch.zeros(4, dtype=torch.float64)  # loss, counted heads, gold mass, prompts
 
@@ -124,7 +124,7 @@ class ABFTTrainer(Trainer):
         self.settings = settings or ABFTSettings()
         self.run_info = dict(run_info or {})
         s = self.settings
-        self.controller = ABFTController(PIDController(s.A0, s.kp, s.ki, s.kd), s.B)
+        self.controller = ABFTController(PIDController(s.A0, s.kp, s.ki, s.kd))
         self.add_callback(self.controller)
         if any(type(cb) is ProgressCallback for cb in self.callback_handler.callbacks):  # a console bar
             self.remove_callback(ProgressCallback)
@@ -138,7 +138,7 @@ class ABFTTrainer(Trainer):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], abft=spec,
                         output_attentions=True, use_cache=False, logits_to_keep=1)
         loss, info = abft_loss(list(outputs.attentions), inputs["target_class"], inputs["key_class"],
-                               inputs["query_rows"], A=self.controller.A, B=self.controller.B,
+                               inputs["query_rows"], A=self.controller.A, B=self.settings.B,
                                key_padding_mask=inputs["attention_mask"].bool())
         if model.training:
             self.controller.record(loss.detach(), info, inputs["input_ids"].shape[0])

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -140,13 +141,14 @@ def _load_task(args, template: Optional[Template]):
                      test_size=args.eval_prompts, max_chars=args.max_chars, seed=args.seed)
 
 
-def evaluate_task(model, tokenizer, task, args, desc: str):
+def held_out_evaluation(tokenizer, task, args):
+    """`evaluate(model, desc=...)` on the task's held-out prompts, built once: the same prompts before and after."""
     from .evaluation import evaluate
 
     builder = PromptBuilder(tokenizer, task.template)
     prompts = sample_prompts(builder, task.train, task.test, args.k, seed=args.seed + EVAL_SEED_OFFSET)
-    return evaluate(model, prompts, builder.label_token_ids, tokenizer.pad_token_id, batch_size=args.batch_size,
-                    desc=desc)
+    return partial(evaluate, prompts=prompts, label_token_ids=builder.label_token_ids,
+                   pad_token_id=tokenizer.pad_token_id, batch_size=args.batch_size)
 
 
 def train_on_task(model, tokenizer, task, args, save_steps: int = 0, resume: bool = False):
@@ -243,11 +245,12 @@ def run_eval(args) -> None:
     device = _setup(args)
     model, tokenizer = load_model(args.model, device=device)
     task = _load_task(args, _template(args, saved.get("template")))
-    before = evaluate_task(model, tokenizer, task, args, "eval before")
+    evaluate_held_out = held_out_evaluation(tokenizer, task, args)
+    before = evaluate_held_out(model, desc="eval before")
     after = None
     if args.weights:
         apply_trained_weights(model, args.weights)
-        after = evaluate_task(model, tokenizer, task, args, "eval after")
+        after = evaluate_held_out(model, desc="eval after")
     _finish(args, f"{args.model or DEFAULT_MODEL} on {args.dataset} (k={args.k}, {before.num_prompts} held-out "
                   f"prompts)", before, after)
 
@@ -265,9 +268,10 @@ def run_demo(args) -> None:
     conversion_seconds = time.perf_counter() - start if converted else 0.0
     model, tokenizer = load_model(args.model, device=device)
     task = _load_task(args, _template(args))
-    before = evaluate_task(model, tokenizer, task, args, "eval before")
+    evaluate_held_out = held_out_evaluation(tokenizer, task, args)
+    before = evaluate_held_out(model, desc="eval before")
     trainer, train_seconds, train_peak = train_on_task(model, tokenizer, task, args)
-    after = evaluate_task(model, tokenizer, task, args, "eval after")
+    after = evaluate_held_out(model, desc="eval after")
     total = time.perf_counter() - start
     _finish(args, f"ABFT demo: {args.model or DEFAULT_MODEL} on {args.dataset} (k={args.k}, {before.num_prompts} "
                   f"held-out prompts, {args.steps} steps x {args.prompts_per_step} prompts)",

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .._validation import _check_integer
 from ..label_attention import BACKENDS
 
 
@@ -13,8 +14,7 @@ def _check_index_tensor(name: str, t, shape_hint: str) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         got = getattr(t, "shape", type(t).__name__)
         raise ValueError(f"{name} must be a 2-D integer tensor {shape_hint}, got {got}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    _check_integer(name, t)
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: its fields are tensors

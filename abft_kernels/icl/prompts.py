@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -37,16 +37,22 @@ class PromptBuilder:
             raise ValueError("tokenizer must be a fast (Rust) tokenizer: label tokens are found by character offsets")
         self.tokenizer = tokenizer
         self.template = template
-        self.label_token_ids = [self._label_token_id(word) for word in template.label_words]
+        self.label_token_ids = [self._label_token_id(label) for label in range(template.num_classes)]
         if len(set(self.label_token_ids)) != len(self.label_token_ids):
             raise ValueError(f"label words {template.label_words} do not map to distinct tokens")
 
-    def _label_token_id(self, word: str) -> int:
-        """The one token that `word` becomes after the label prefix, in context."""
-        text = self.template.demonstration("a", self.template.label_words.index(word))
-        start = text.rindex(f" {word}\n") + 1
-        positions, ids = self._tokens_covering(text, [(start, start + len(word))])
+    def _label_span(self, demonstration: str, label: int) -> Tuple[int, int]:
+        """Character span of the label word in `demonstration` (the space before it belongs to the token)."""
+        word = self.template.label_words[label]
+        start = demonstration.rindex(f" {word}\n") + 1
+        return start, start + len(word)
+
+    def _label_token_id(self, label: int) -> int:
+        """The one token that class `label`'s word becomes after the label prefix, in context."""
+        text = self.template.demonstration("a", label)
+        positions, ids = self._tokens_covering(text, [self._label_span(text, label)])
         if positions[0] is None:
+            word = self.template.label_words[label]
             raise ValueError(f"label word {word!r} is not a single token for this tokenizer; choose label words "
                              f"that are (e.g. check tokenizer.encode(' {word}'))")
         return ids[positions[0]]
@@ -67,9 +73,8 @@ class PromptBuilder:
         spans, classes = [], []
         for demo in demonstrations:
             piece = self.template.demonstration(demo.text, demo.label)
-            word = self.template.label_words[demo.label]
-            start = len(text) + piece.rindex(f" {word}\n") + 1
-            spans.append((start, start + len(word)))
+            start, end = self._label_span(piece, demo.label)
+            spans.append((len(text) + start, len(text) + end))
             classes.append(demo.label)
             text += piece
         text += self.template.query(query.text)
