@@ -16,14 +16,14 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
 
 
-def label_attention(args: LabelAttentionArgs, compute_dtype: torch.dtype = torch.float64):
-    q, k, v = (t.to(compute_dtype) for t in (args.q, args.k, args.v))
+def label_attention(args: LabelAttentionArgs):
+    q, k, v = (t.double() for t in (args.q, args.k, args.v))
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     probs = masked_softmax(args.scale * q @ k.transpose(-1, -2), row_key_visibility(args, all_rows(args))[:, None])
     out = (probs @ v).to(args.q.dtype)
-    mass = probs @ label_one_hot(args, compute_dtype)[:, None]  # [B, Hq, N, C]
+    mass = probs @ label_one_hot(args, torch.float64)[:, None]  # [B, Hq, N, C]
     if args.query_rows is not None:
         rows = args.query_rows.clamp(min=0)[:, None, :, None].expand(-1, mass.shape[1], -1, mass.shape[-1])
         mass = mass.gather(2, rows) * (args.query_rows >= 0)[:, None, :, None]
