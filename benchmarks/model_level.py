@@ -14,6 +14,7 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
+from abft_kernels.ops.masks import gather_rows
 
 from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
 
@@ -64,8 +65,7 @@ def eager_masses(model, batch: ModelBatch):
     def masses(outputs):
         result = []
         for probs in outputs.attentions:  # [B, H, N, N]
-            rows = batch.query_rows[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[-1])
-            result.append((probs.gather(2, rows) @ one_hot.to(probs.dtype)).float())
+            result.append((gather_rows(probs, batch.query_rows) @ one_hot.to(probs.dtype)).float())
         return result
 
     return {}, masses

@@ -1,4 +1,4 @@
-"""Visibility and one-hot helpers shared by the PyTorch backends."""
+"""Visibility, row-gather and one-hot helpers shared by the PyTorch backends."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +21,12 @@ def row_key_visibility(args: LabelAttentionArgs, rows: torch.Tensor) -> torch.Te
 def all_rows(args: LabelAttentionArgs) -> torch.Tensor:
     batch, _, seq_len, _ = args.q.shape
     return torch.arange(seq_len, device=args.q.device).expand(batch, seq_len)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, E], rows int [B, R] (>= 0) -> [B, H, R, E]: the same rows of every head."""
+    index = rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    return x.gather(2, index)
 
 
 def label_one_hot(args: LabelAttentionArgs, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import LabelAttentionArgs
-from .masks import all_rows, label_one_hot, row_key_visibility
+from .masks import all_rows, gather_rows, label_one_hot, row_key_visibility
 
 MAX_NUM_CLASSES = None
 
@@ -25,6 +25,5 @@ def label_attention(args: LabelAttentionArgs):
     out = (probs @ v).to(args.q.dtype)
     mass = probs @ label_one_hot(args, torch.float64)[:, None]  # [B, Hq, N, C]
     if args.query_rows is not None:
-        rows = args.query_rows.clamp(min=0)[:, None, :, None].expand(-1, mass.shape[1], -1, mass.shape[-1])
-        mass = mass.gather(2, rows) * (args.query_rows >= 0)[:, None, :, None]
+        mass = gather_rows(mass, args.query_rows.clamp(min=0)) * (args.query_rows >= 0)[:, None, :, None]
     return out, mass.float()
