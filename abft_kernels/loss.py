@@ -8,6 +8,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .ops.masks import label_one_hot
+
 
 @dataclass
 class ABFTLossInfo:
@@ -62,7 +64,7 @@ def visible_label_counts(key_class, num_classes, rows, key_padding_mask=None, ca
     rows [B,R] (-1 = empty slot, counts 0). Without causality every real key is visible.
     """
     real = torch.ones_like(key_class, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    one_hot = (key_class[:, :, None] == torch.arange(num_classes, device=key_class.device)) & real[:, :, None]
+    one_hot = label_one_hot(key_class, num_classes, torch.bool) & real[:, :, None]
     if causal:
         class_counts = one_hot.long().cumsum(1)  # [B,N,C]
         token_counts = real.long().cumsum(1)  # [B,N]

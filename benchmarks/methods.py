@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import abft_kernels as ak
-from abft_kernels.ops.masks import gather_rows
+from abft_kernels.ops.masks import gather_rows, label_one_hot
 
 from .shapes import KernelProblem, KernelShape, make_problem
 from .timing import error_summary
@@ -42,8 +42,7 @@ def _gather_rows(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
 
 def _one_hot(problem: KernelProblem) -> torch.Tensor:
     """[B,1,N,C] label one-hot in the input dtype (unlabelled keys are zero rows)."""
-    classes = torch.arange(problem.num_classes, device=problem.key_class.device)
-    return (problem.key_class[:, None, :, None] == classes).to(problem.q.dtype)
+    return label_one_hot(problem.key_class, problem.num_classes, problem.q.dtype)[:, None]
 
 
 # 1. Eager attention that materialises P, like transformers' eager attention behind output_attentions.

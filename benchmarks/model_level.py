@@ -14,7 +14,7 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
-from abft_kernels.ops.masks import gather_rows
+from abft_kernels.ops.masks import gather_rows, label_one_hot
 
 from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
 
@@ -60,7 +60,7 @@ def make_batch(vocab_size: int, seq_len: int, device: torch.device, batch: int =
 # a function from the model's outputs to the per-layer masses [B,H,R,C]).
 def eager_masses(model, batch: ModelBatch):
     model.set_attn_implementation("eager")
-    one_hot = (batch.key_class[:, None, :, None] == torch.arange(NUM_CLASSES, device=batch.key_class.device))
+    one_hot = label_one_hot(batch.key_class, NUM_CLASSES, torch.bool)[:, None]
 
     def masses(outputs):
         result = []

@@ -29,10 +29,10 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index)
 
 
-def label_one_hot(args: LabelAttentionArgs, dtype: torch.dtype) -> torch.Tensor:
-    """[B, N, C] one-hot of the key classes; unlabelled keys (-1) are all-zero rows."""
-    classes = torch.arange(args.num_classes, device=args.key_class.device)
-    return (args.key_class[:, :, None] == classes).to(dtype)
+def label_one_hot(key_class: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N, C] one-hot of key_class [B, N]; unlabelled keys (-1) are all-zero rows."""
+    classes = torch.arange(num_classes, device=key_class.device)
+    return (key_class[:, :, None] == classes).to(dtype)
 
 
 def mass_compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,7 +23,7 @@ def label_attention(args: LabelAttentionArgs):
     v = v.repeat_interleave(group, dim=1)
     probs = masked_softmax(args.scale * q @ k.transpose(-1, -2), row_key_visibility(args, all_rows(args))[:, None])
     out = (probs @ v).to(args.q.dtype)
-    mass = probs @ label_one_hot(args, torch.float64)[:, None]  # [B, Hq, N, C]
+    mass = probs @ label_one_hot(args.key_class, args.num_classes, torch.float64)[:, None]  # [B, Hq, N, C]
     if args.query_rows is not None:
         mass = gather_rows(mass, args.query_rows.clamp(min=0)) * (args.query_rows >= 0)[:, None, :, None]
     return out, mass.float()

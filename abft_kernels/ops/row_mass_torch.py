@@ -38,7 +38,7 @@ class RowLabelMass(torch.autograd.Function):
     def forward(ctx, q, k, args: LabelAttentionArgs):
         compute_dtype = mass_compute_dtype(q.dtype)
         qc, kc = q.to(compute_dtype), k.to(compute_dtype)
-        one_hot = label_one_hot(args, compute_dtype)[:, None, None]  # [B,1,1,N,C]
+        one_hot = label_one_hot(args.key_class, args.num_classes, compute_dtype)[:, None, None]  # [B,1,1,N,C]
         rows = args.query_rows.clamp(min=0)
         batch, num_heads = q.shape[:2]
         masses = []
@@ -57,7 +57,7 @@ class RowLabelMass(torch.autograd.Function):
         compute_dtype = mass.dtype
         qc, kc = q.to(compute_dtype), k.to(compute_dtype)
         grad_mass = grad_mass.to(compute_dtype)
-        one_hot = label_one_hot(args, compute_dtype)[:, None, None]
+        one_hot = label_one_hot(args.key_class, args.num_classes, compute_dtype)[:, None, None]
         rows = args.query_rows.clamp(min=0)
         batch, num_kv_heads, seq_len, head_dim = k.shape
         grad_q = torch.zeros_like(qc)
