@@ -16,6 +16,7 @@ import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
 from abft_kernels.ops.masks import gather_rows, label_one_hot
 
+from .shapes import label_positions
 from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
 
 # Shapes of public checkpoints; the weights are random (timing needs no trained weights).
@@ -46,7 +47,7 @@ class ModelBatch:
 def make_batch(vocab_size: int, seq_len: int, device: torch.device, batch: int = 1, seed: int = 0) -> ModelBatch:
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(NUM_CLASSES, vocab_size, (batch, seq_len), generator=gen)
-    labels = torch.arange(1, (seq_len - 1) // DEMO_LEN + 1) * DEMO_LEN - 2
+    labels = label_positions(seq_len, DEMO_LEN)
     classes = torch.randint(0, NUM_CLASSES, (batch, len(labels)), generator=gen)
     input_ids[:, labels] = classes
     key_class = torch.full((batch, seq_len), -1, dtype=torch.long)
