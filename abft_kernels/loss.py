@@ -8,6 +8,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .ops.masks import label_one_hot
+
 
 @dataclass
 class ABFTLossInfo:
@@ -62,7 +64,7 @@ def visible_label_counts(key_class, num_classes, rows, key_padding_mask=None, ca
     rows [B,R] (-1 = empty slot, counts 0). Without causality every real key is visible.
     """
     real = torch.ones_like(key_class, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    one_hot = (key_class[:, :, None] == torch.arange(num_classes, device=key_class.device)) & real[:, :, None]
+    one_hot = label_one_hot(key_class, num_classes, torch.bool) & real[:, :, None]
     if causal:
         class_counts = one_hot.long().cumsum(1)  # [B,N,C]
         token_counts = real.long().cumsum(1)  # [B,N]
@@ -111,13 +113,20 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
                     ("key_padding_mask", key_padding_mask)):
         if t is not None and t.device != mass.device:
             raise ValueError(f"{name} is on {t.device} but masses are on {mass.device}")
-    if ((target_class < -1) | (target_class >= num_classes)).any():
+    # Value checks in one host sync (abft_loss runs every training step).
+    bad_target, bad_key, bad_row, target_on_empty = torch.stack([
+        ((target_class < -1) | (target_class >= num_classes)).any(),
+        ((key_class < -1) | (key_class >= num_classes)).any(),
+        ((query_rows < -1) | (query_rows >= seq_len)).any(),
+        ((target_class >= 0) & (query_rows < 0)).any(),
+    ]).tolist()
+    if bad_target:
         raise ValueError(f"target_class values must be -1 (ignore) or in [0, C={num_classes})")
-    if ((key_class < -1) | (key_class >= num_classes)).any():
+    if bad_key:
         raise ValueError(f"key_class values must be -1 (not a label) or in [0, C={num_classes})")
-    if ((query_rows < -1) | (query_rows >= seq_len)).any():
+    if bad_row:
         raise ValueError(f"query_rows values must be -1 (empty slot) or in [0, N={seq_len})")
-    if ((target_class >= 0) & (query_rows < 0)).any():
+    if target_on_empty:
         raise ValueError("target_class is set for an empty query_rows slot (-1); give it target -1")
 
     n_c, n_t = visible_label_counts(key_class, num_classes, query_rows, key_padding_mask, causal)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import abft_kernels as ak
+from abft_kernels.ops.masks import gather_rows, label_one_hot
 
 from .shapes import KernelProblem, KernelShape, make_problem
 from .timing import error_summary
@@ -36,16 +37,12 @@ def _always_available(device: torch.device, backward: bool) -> Optional[str]:
 
 def _gather_rows(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     """x [B,H,N,E], rows [B,R] -> [B,H,R,E]; rows=None keeps every row."""
-    if rows is None:
-        return x
-    index = rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
-    return x.gather(2, index)
+    return x if rows is None else gather_rows(x, rows)
 
 
 def _one_hot(problem: KernelProblem) -> torch.Tensor:
     """[B,1,N,C] label one-hot in the input dtype (unlabelled keys are zero rows)."""
-    classes = torch.arange(problem.num_classes, device=problem.key_class.device)
-    return (problem.key_class[:, None, :, None] == classes).to(problem.q.dtype)
+    return label_one_hot(problem.key_class, problem.num_classes, problem.q.dtype)[:, None]
 
 
 # 1. Eager attention that materialises P, like transformers' eager attention behind output_attentions.

@@ -14,7 +14,9 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
+from abft_kernels.ops.masks import gather_rows, label_one_hot
 
+from .shapes import label_positions
 from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
 
 # Shapes of public checkpoints; the weights are random (timing needs no trained weights).
@@ -45,7 +47,7 @@ class ModelBatch:
 def make_batch(vocab_size: int, seq_len: int, device: torch.device, batch: int = 1, seed: int = 0) -> ModelBatch:
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(NUM_CLASSES, vocab_size, (batch, seq_len), generator=gen)
-    labels = torch.arange(1, (seq_len - 1) // DEMO_LEN + 1) * DEMO_LEN - 2
+    labels = label_positions(seq_len, DEMO_LEN)
     classes = torch.randint(0, NUM_CLASSES, (batch, len(labels)), generator=gen)
     input_ids[:, labels] = classes
     key_class = torch.full((batch, seq_len), -1, dtype=torch.long)
@@ -59,13 +61,12 @@ def make_batch(vocab_size: int, seq_len: int, device: torch.device, batch: int =
 # a function from the model's outputs to the per-layer masses [B,H,R,C]).
 def eager_masses(model, batch: ModelBatch):
     model.set_attn_implementation("eager")
-    one_hot = (batch.key_class[:, None, :, None] == torch.arange(NUM_CLASSES, device=batch.key_class.device))
+    one_hot = label_one_hot(batch.key_class, NUM_CLASSES, torch.bool)[:, None]
 
     def masses(outputs):
         result = []
         for probs in outputs.attentions:  # [B, H, N, N]
-            rows = batch.query_rows[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[-1])
-            result.append((probs.gather(2, rows) @ one_hot.to(probs.dtype)).float())
+            result.append((gather_rows(probs, batch.query_rows) @ one_hot.to(probs.dtype)).float())
         return result
 
     return {}, masses

@@ -82,8 +82,9 @@ class KernelProblem:
         return torch.arange(self.shape.seq_len, device=self.q.device).expand(self.shape.batch, -1)
 
 
-def label_positions(shape: KernelShape) -> torch.Tensor:
-    return torch.arange(1, shape.num_demos + 1) * shape.demo_len - 2
+def label_positions(seq_len: int, demo_len: int) -> torch.Tensor:
+    """The label token of each demonstration of a seq_len-token prompt (see the module docstring)."""
+    return torch.arange(1, (seq_len - 1) // demo_len + 1) * demo_len - 2
 
 
 def make_problem(shape: KernelShape, device: torch.device, requires_grad: bool = False,
@@ -95,7 +96,7 @@ def make_problem(shape: KernelShape, device: torch.device, requires_grad: bool =
                         dtype=shape.torch_dtype)
         return x.requires_grad_(requires_grad)
 
-    labels = label_positions(shape)
+    labels = label_positions(shape.seq_len, shape.demo_len)
     key_class = torch.full((shape.batch, shape.seq_len), -1, dtype=torch.long)
     key_class[:, labels] = torch.arange(len(labels)) % shape.num_classes
     rows = {"last": torch.tensor([shape.seq_len - 1]), "demos": labels - 1, "all": None}[shape.rows]

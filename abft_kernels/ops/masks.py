@@ -1,4 +1,4 @@
-"""Visibility and one-hot helpers shared by the PyTorch backends."""
+"""Visibility, row-gather and one-hot helpers shared by the PyTorch backends."""
 from __future__ import annotations
 
 import torch
@@ -23,10 +23,16 @@ def all_rows(args: LabelAttentionArgs) -> torch.Tensor:
     return torch.arange(seq_len, device=args.q.device).expand(batch, seq_len)
 
 
-def label_one_hot(args: LabelAttentionArgs, dtype: torch.dtype) -> torch.Tensor:
-    """[B, N, C] one-hot of the key classes; unlabelled keys (-1) are all-zero rows."""
-    classes = torch.arange(args.num_classes, device=args.key_class.device)
-    return (args.key_class[:, :, None] == classes).to(dtype)
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, E], rows int [B, R] (>= 0) -> [B, H, R, E]: the same rows of every head."""
+    index = rows[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    return x.gather(2, index)
+
+
+def label_one_hot(key_class: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N, C] one-hot of key_class [B, N]; unlabelled keys (-1) are all-zero rows."""
+    classes = torch.arange(num_classes, device=key_class.device)
+    return (key_class[:, :, None] == classes).to(dtype)
 
 
 def mass_compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import LabelAttentionArgs
-from .masks import all_rows, label_one_hot, row_key_visibility
+from .masks import all_rows, gather_rows, label_one_hot, row_key_visibility
 
 MAX_NUM_CLASSES = None
 
@@ -16,15 +16,14 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
 
 
-def label_attention(args: LabelAttentionArgs, compute_dtype: torch.dtype = torch.float64):
-    q, k, v = (t.to(compute_dtype) for t in (args.q, args.k, args.v))
+def label_attention(args: LabelAttentionArgs):
+    q, k, v = (t.double() for t in (args.q, args.k, args.v))
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     probs = masked_softmax(args.scale * q @ k.transpose(-1, -2), row_key_visibility(args, all_rows(args))[:, None])
     out = (probs @ v).to(args.q.dtype)
-    mass = probs @ label_one_hot(args, compute_dtype)[:, None]  # [B, Hq, N, C]
+    mass = probs @ label_one_hot(args.key_class, args.num_classes, torch.float64)[:, None]  # [B, Hq, N, C]
     if args.query_rows is not None:
-        rows = args.query_rows.clamp(min=0)[:, None, :, None].expand(-1, mass.shape[1], -1, mass.shape[-1])
-        mass = mass.gather(2, rows) * (args.query_rows >= 0)[:, None, :, None]
+        mass = gather_rows(mass, args.query_rows.clamp(min=0)) * (args.query_rows >= 0)[:, None, :, None]
     return out, mass.float()

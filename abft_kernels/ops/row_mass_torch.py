@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import LabelAttentionArgs
-from .masks import label_one_hot, mass_compute_dtype, row_key_visibility
+from .masks import gather_rows, label_one_hot, mass_compute_dtype, row_key_visibility
 
 _CHUNK_ELEMENTS = 1 << 25
 
@@ -20,12 +20,6 @@ def _row_chunks(args: LabelAttentionArgs):
     chunk = max(1, _CHUNK_ELEMENTS // (batch * num_heads * seq_len))
     for start in range(0, num_rows, chunk):
         yield slice(start, min(start + chunk, num_rows))
-
-
-def _gather_rows(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """q [B,H,N,D], rows [B,R] (>= 0) -> [B,H,R,D]."""
-    index = rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
-    return q.gather(2, index)
 
 
 def _row_probs(args: LabelAttentionArgs, q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor):
@@ -44,12 +38,12 @@ class RowLabelMass(torch.autograd.Function):
     def forward(ctx, q, k, args: LabelAttentionArgs):
         compute_dtype = mass_compute_dtype(q.dtype)
         qc, kc = q.to(compute_dtype), k.to(compute_dtype)
-        one_hot = label_one_hot(args, compute_dtype)[:, None, None]  # [B,1,1,N,C]
+        one_hot = label_one_hot(args.key_class, args.num_classes, compute_dtype)[:, None, None]  # [B,1,1,N,C]
         rows = args.query_rows.clamp(min=0)
         batch, num_heads = q.shape[:2]
         masses = []
         for part in _row_chunks(args):
-            probs = _row_probs(args, _gather_rows(qc, rows[:, part]), kc, args.query_rows[:, part])
+            probs = _row_probs(args, gather_rows(qc, rows[:, part]), kc, args.query_rows[:, part])
             masses.append((probs @ one_hot).reshape(batch, num_heads, -1, args.num_classes))
         mass = torch.cat(masses, dim=2)
         ctx.save_for_backward(q, k, mass)
@@ -63,13 +57,13 @@ class RowLabelMass(torch.autograd.Function):
         compute_dtype = mass.dtype
         qc, kc = q.to(compute_dtype), k.to(compute_dtype)
         grad_mass = grad_mass.to(compute_dtype)
-        one_hot = label_one_hot(args, compute_dtype)[:, None, None]
+        one_hot = label_one_hot(args.key_class, args.num_classes, compute_dtype)[:, None, None]
         rows = args.query_rows.clamp(min=0)
         batch, num_kv_heads, seq_len, head_dim = k.shape
         grad_q = torch.zeros_like(qc)
         grad_k = torch.zeros_like(kc)
         for part in _row_chunks(args):
-            q_rows = _gather_rows(qc, rows[:, part])
+            q_rows = gather_rows(qc, rows[:, part])
             probs = _row_probs(args, q_rows, kc, args.query_rows[:, part])  # [B,Hkv,G,Rc,N]
             g = grad_mass[:, :, part].view(batch, num_kv_heads, -1, probs.shape[3], args.num_classes)
             m = mass[:, :, part].view_as(g)

@@ -19,6 +19,6 @@ def label_attention(args: LabelAttentionArgs):
     if args.query_rows is not None:
         return out, row_label_mass(args)
     dtype = mass_compute_dtype(args.q.dtype)
-    one_hot = label_one_hot(args, dtype)[:, None].expand(-1, args.k.shape[1], -1, -1)
+    one_hot = label_one_hot(args.key_class, args.num_classes, dtype)[:, None].expand(-1, args.k.shape[1], -1, -1)
     mass = masked_sdpa(args.q.to(dtype), args.k.to(dtype), one_hot, args)
     return out, mass.float()

@@ -26,6 +26,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .._validation import LabelAttentionArgs
+from .masks import gather_rows
 
 # The mass accumulator is [BLOCK_M, num_classes padded to a power of two] fp32 registers per program.
 MAX_NUM_CLASSES = 64
@@ -515,5 +516,4 @@ def label_attention(args: LabelAttentionArgs):
                                              args.causal, args.scale)
     if slot_of_entry is None:
         return out, mass
-    index = slot_of_entry[:, None, :, None].expand(-1, mass.shape[1], -1, mass.shape[3])
-    return out, mass.gather(2, index)
+    return out, gather_rows(mass, slot_of_entry)
