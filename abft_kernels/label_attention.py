@@ -52,9 +52,10 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
     mass float32 [B,Hq,R,C]: mass[b,h,r,c] = sum of the softmax row query_rows[b,r] over keys of class c.
     """
     name = resolve_backend(backend, q) if isinstance(q, torch.Tensor) else "torch"
-    if not backend_available(name):
-        raise ValueError(f"backend={name!r} is not available here (its module could not be imported)")
-    module = _backend_module(name)
+    try:
+        module = _backend_module(name)
+    except ImportError as exc:
+        raise ValueError(f"backend={name!r} is not available here: {exc}") from exc
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
                                          key_padding_mask, max_num_classes=module.MAX_NUM_CLASSES)
     return module.label_attention(args)

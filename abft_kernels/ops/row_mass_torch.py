@@ -24,7 +24,7 @@ def _row_chunks(args: LabelAttentionArgs):
 
 def _row_probs(args: LabelAttentionArgs, q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor):
     """Softmax rows [B,Hkv,G,Rc,N] of the selected rows (zero where invisible or for empty slots)."""
-    batch, num_kv_heads, seq_len, head_dim = k.shape
+    batch, num_kv_heads, _, head_dim = k.shape
     q_rows = q_rows.view(batch, num_kv_heads, -1, rows.shape[1], head_dim)
     scores = args.scale * q_rows @ k[:, :, None].transpose(-1, -2)
     visible = row_key_visibility(args, rows)[:, None, None]
@@ -59,7 +59,7 @@ class RowLabelMass(torch.autograd.Function):
         grad_mass = grad_mass.to(compute_dtype)
         one_hot = label_one_hot(args.key_class, args.num_classes, compute_dtype)[:, None, None]
         rows = args.query_rows.clamp(min=0)
-        batch, num_kv_heads, seq_len, head_dim = k.shape
+        batch, num_kv_heads, _, head_dim = k.shape
         grad_q = torch.zeros_like(qc)
         grad_k = torch.zeros_like(kc)
         for part in _row_chunks(args):
