@@ -113,12 +113,14 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
                     ("key_padding_mask", key_padding_mask)):
         if t is not None and t.device != mass.device:
             raise ValueError(f"{name} is on {t.device} but masses are on {mass.device}")
-    # Value checks in one host sync (abft_loss runs every training step).
-    bad_target, bad_key, bad_row, target_on_empty = torch.stack([
-        ((target_class < -1) | (target_class >= num_classes)).any(),
-        ((key_class < -1) | (key_class >= num_classes)).any(),
-        ((query_rows < -1) | (query_rows >= seq_len)).any(),
-        ((target_class >= 0) & (query_rows < 0)).any(),
+    # Value checks and the number of target rows in one host sync (abft_loss runs every training step).
+    has_target = target_class >= 0
+    bad_target, bad_key, bad_row, target_on_empty, num_target_rows = torch.stack([
+        ((target_class < -1) | (target_class >= num_classes)).any().long(),
+        ((key_class < -1) | (key_class >= num_classes)).any().long(),
+        ((query_rows < -1) | (query_rows >= seq_len)).any().long(),
+        (has_target & (query_rows < 0)).any().long(),
+        has_target.sum(),
     ]).tolist()
     if bad_target:
         raise ValueError(f"target_class values must be -1 (ignore) or in [0, C={num_classes})")
@@ -133,7 +135,6 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
     num_labels = n_c.sum(-1).to(mass.dtype)  # k
     threshold = torch.where(num_labels > 0, num_labels / (num_labels + torch.log(n_t.clamp(min=1).to(mass.dtype))),
                             torch.full_like(num_labels, math.inf))
-    has_target = target_class >= 0
     target = target_class.clamp(min=0)
 
     label_mass = mass.sum(-1)  # S [L,B,H,R]
@@ -143,7 +144,6 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
     counted = (label_mass.detach() > threshold[None, :, None, :]) & has_target[None, :, None, :]
 
     per_head = A * (label_mass - gold_mass) + B * (gold_count[None, :, None, :] - gold_mass)
-    num_target_rows = int(has_target.sum())
     loss = torch.where(counted, per_head, torch.zeros_like(per_head)).sum() / max(num_target_rows, 1)
 
     rows_per_sample = has_target.sum(1).clamp(min=1).to(mass.dtype)
