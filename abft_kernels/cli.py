@@ -27,10 +27,11 @@ def run_example(args: argparse.Namespace) -> None:
     key_class[:, label_positions] = torch.tensor([0, 1, 0])
     query_rows = torch.full((batch, 1), seq_len - 1)  # the query is the last token
     target = torch.tensor([[0], [1]])
+    choice = ak.resolve_backend(q, k, v, key_class, num_classes, query_rows=query_rows, backend=args.backend)
     out, mass = ak.label_attention(q, k, v, key_class, num_classes, query_rows=query_rows, backend=args.backend)
     loss, info = ak.abft_loss([mass], target, key_class, query_rows)
     loss.backward()
-    print(f"backend={ak.resolve_backend(args.backend, q)}  out {tuple(out.shape)}  mass {tuple(mass.shape)}")
+    print(f"backend={choice.name} ({choice.reason})  out {tuple(out.shape)}  mass {tuple(mass.shape)}")
     for b in range(batch):
         for h in range(heads):
             print(f"sample {b} head {h}: mass per class {[round(x, 4) for x in mass[b, h, 0].tolist()]}")

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .ops.masks import label_one_hot
+from .ops.label_attention.masks import label_one_hot
 
 
 @dataclass

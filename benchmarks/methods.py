@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import abft_kernels as ak
-from abft_kernels.ops.masks import gather_rows, label_one_hot
+from abft_kernels.ops.label_attention.masks import gather_rows, label_one_hot
 
 from .shapes import KernelProblem, KernelShape, make_problem
 from .timing import error_summary
@@ -93,8 +93,7 @@ def build_label_attention(backend: str):
 def gpu_backend_unavailable(backend: str):
     def unavailable(device: torch.device, backward: bool) -> Optional[str]:
         if not ak.backend_available(backend):
-            detail = ak.cuda_extension_status() if backend == "cuda" else "its module could not be imported"
-            return f"backend {backend!r} is not available: {detail}"
+            return f"backend {backend!r} is not available: {ak.backend_status(backend)}"
         if device.type != "cuda":  # (Triton's CPU interpreter runs the kernels for tests, far too slowly to time)
             return f"backend {backend!r} is timed on CUDA devices only"
         return None

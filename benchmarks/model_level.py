@@ -14,7 +14,7 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
-from abft_kernels.ops.masks import gather_rows, label_one_hot
+from abft_kernels.ops.label_attention.masks import gather_rows, label_one_hot
 
 from .shapes import label_positions
 from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
@@ -131,14 +131,29 @@ def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
     return loss.detach(), info.label_mass.mean()
 
 
+def resolved_backend(method: ModelMethod, name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """{"backend": the label_attention backend the method's abft= calls run on, "backend_reason": why}, or None for
+    methods without masses; resolved on a one-token problem of the model's head shape."""
+    if method.backend is None:
+        return {"backend": None, "backend_reason": None}
+    config = MODEL_CONFIGS[name]
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    q = torch.zeros(1, config["num_attention_heads"], 1, head_dim, device=device, dtype=dtype)
+    k = torch.zeros(1, config["num_key_value_heads"], 1, head_dim, device=device, dtype=dtype)
+    key_class = torch.full((1, 1), -1, device=device)
+    choice = ak.resolve_backend(q, k, k, key_class, NUM_CLASSES, query_rows=torch.zeros(1, 1, dtype=torch.long,
+                                device=device), backend=method.backend)
+    return {"backend": choice.name, "backend_reason": choice.reason}
+
+
 def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int):
     """Result rows of every (N, method) on model `name`; see measure_model."""
     built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens))}, device)
     model = built.pop("model", None)
     for seq_len in seq_lens:
         for method in methods:
-            backend = None if method.backend is None else ak.resolve_backend(method.backend, torch.empty(0, device=device))
-            row = {"level": "model", "model": name, "method": method.name, "backend": backend, "seq_len": seq_len,
+            row = {"level": "model", "model": name, "method": method.name, **resolved_backend(method, name, device, dtype),
+                   "seq_len": seq_len,
                    "batch": 1, "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES,
                    "dtype": str(dtype)[6:], "gradient_checkpointing": device.type == "cuda"}
             if model is None:

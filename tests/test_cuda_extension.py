@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import abft_kernels as ak
-from abft_kernels import _extension
+from abft_kernels.ops.label_attention import backends, extension as _extension
 from helpers import assert_matches_reference, make_problem, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,16 +189,19 @@ class TorchRowMassExtension:
         return grad_q_rows.float(), grad_k.to(k.dtype)
 
 
+CUDA_BACKEND = "abft_kernels.ops.label_attention.cuda_backend"
+
+
 @pytest.fixture
 def cuda_backend_with_stand_in(monkeypatch):
     monkeypatch.setattr(_extension, "extension", TorchRowMassExtension())
-    monkeypatch.delitem(sys.modules, "abft_kernels.ops.cuda_backend", raising=False)
-    ak.backend_available.cache_clear()
-    module = importlib.import_module("abft_kernels.ops.cuda_backend")
-    monkeypatch.setattr(module, "_check_supported", lambda args: None)  # the stand-in runs on CPU
+    monkeypatch.delitem(sys.modules, CUDA_BACKEND, raising=False)
+    backends.clear_backend_cache()
+    module = importlib.import_module(CUDA_BACKEND)
+    monkeypatch.setattr(module, "unsupported", lambda args: None)  # the stand-in runs on CPU
     yield module
-    sys.modules.pop("abft_kernels.ops.cuda_backend", None)
-    ak.backend_available.cache_clear()
+    sys.modules.pop(CUDA_BACKEND, None)
+    backends.clear_backend_cache()
 
 
 @pytest.mark.parametrize("rows", ["last", "edges", "random", "repeated", "all"])

@@ -58,7 +58,7 @@ def test_num_classes(num_classes):
 
 
 def test_num_classes_above_limit_raises():
-    from abft_kernels.ops.triton_label_attention import MAX_NUM_CLASSES
+    from abft_kernels.ops.label_attention.triton_backend import MAX_NUM_CLASSES
     p = problem(seq_len=8, num_classes=MAX_NUM_CLASSES + 1)
     with pytest.raises(ValueError, match="num_classes"):
         ak.label_attention(**p, backend="triton")
@@ -170,7 +170,7 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import abft_kernels.ops.triton_label_attention as T
+    import abft_kernels.ops.label_attention.triton_backend as T
 
     def compile_kernel(kernel, dtype, constexprs, kind=None):
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -187,15 +187,15 @@ _COMPILE_FOR_GPU = textwrap.dedent("""
                        options=dict(num_warps=warps, num_stages=stages))
 
     for dtype, fp32, head_dim in (("*fp16", False, 128), ("*fp32", True, 64)):
-        compile_kernel(T._forward_kernel, dtype, dict(CAUSAL=True, DOT_FP32=fp32, BLOCK_D=head_dim, BLOCK_C=16),
+        compile_kernel(T.label_attention_forward_kernel, dtype, dict(CAUSAL=True, DOT_FP32=fp32, BLOCK_D=head_dim, BLOCK_C=16),
                        "forward")
     grads = dict(CAUSAL=True, DOT_FP32=False, HAS_OUT_GRAD=True, HAS_MASS_GRAD=True, BLOCK_D=64, BLOCK_C=16)
-    compile_kernel(T._backward_dkdv_kernel, "*fp16", grads, "backward")
-    compile_kernel(T._backward_dq_kernel, "*bf16", grads, "backward")
-    compile_kernel(T._backward_dkdv_kernel, "*fp16", dict(grads, HAS_OUT_GRAD=False, GradOut=None, GradV=None),
+    compile_kernel(T.label_attention_backward_dkdv_kernel, "*fp16", grads, "backward")
+    compile_kernel(T.label_attention_backward_dq_kernel, "*bf16", grads, "backward")
+    compile_kernel(T.label_attention_backward_dkdv_kernel, "*fp16", dict(grads, HAS_OUT_GRAD=False, GradOut=None, GradV=None),
                    "backward")
-    compile_kernel(T._backward_dq_kernel, "*fp16", dict(grads, HAS_MASS_GRAD=False, GradMass=None), "backward")
-    compile_kernel(T._backward_delta_kernel, "*bf16",
+    compile_kernel(T.label_attention_backward_dq_kernel, "*fp16", dict(grads, HAS_MASS_GRAD=False, GradMass=None), "backward")
+    compile_kernel(T.label_attention_backward_delta_kernel, "*bf16",
                    dict(HAS_OUT_GRAD=True, HAS_MASS_GRAD=True, BLOCK_D=128, BLOCK_C=64, BLOCK_M=64))
 """)
 
@@ -210,8 +210,10 @@ def test_kernels_compile_for_gpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_auto_picks_triton_on_cuda():
-    assert ak.resolve_backend("auto", torch.zeros(1, 1, 1, 1, device="cuda")) == "triton"
-    assert ak.resolve_backend("auto", torch.zeros(1, 1, 1, 1, device="cuda", dtype=torch.float64)) == "torch"
+    p = problem(seq_len=8)
+    assert ak.resolve_backend(**p).name == "triton"
+    assert ak.resolve_backend(**reference_problem(p)).name == "torch"  # the kernel has no float64 path
+    assert ak.resolve_backend(**problem(seq_len=8, num_classes=65)).name == "torch"  # above the kernel's limit
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

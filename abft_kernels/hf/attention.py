@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..label_attention import label_attention
+from ..ops.label_attention import label_attention
 from .label_spec import LabelSpec
 from .model_call import current_call
 

@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from .._validation import _check_integer
-from ..label_attention import BACKENDS
+from ..ops.label_attention.validation import _check_integer
+from ..ops.label_attention import BACKENDS
 
 
 def _check_index_tensor(name: str, t, shape_hint: str) -> None:

@@ -1,2 +1,1 @@
-"""Backends of label_attention: one module per implementation, each exposing
-``MAX_NUM_CLASSES`` and ``label_attention(args) -> (out, mass)``."""
+"""The ops of abft-kernels, one folder each: label_attention (attention output + label-class masses)."""

@@ -6,12 +6,17 @@ the one-hot label matrix (mass = P · Y).
 """
 from __future__ import annotations
 
-from .._validation import LabelAttentionArgs
+from .validation import LabelAttentionArgs
 from .masks import label_one_hot, mass_compute_dtype
 from .row_mass_torch import row_label_mass
 from .sdpa import masked_sdpa
 
-MAX_NUM_CLASSES = None
+NAME = "torch"
+
+
+def unsupported(args: LabelAttentionArgs):
+    """Takes every valid call: any device, any dtype, any head dim and number of classes."""
+    return None
 
 
 def label_attention(args: LabelAttentionArgs):

@@ -8,31 +8,37 @@ Autograd adds the two paths' gradients of q and k. Semantics are those of the re
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
-from .._extension import cuda_extension_status, extension
-from .._validation import LabelAttentionArgs
+from .extension import cuda_extension_status, extension
+from .validation import LabelAttentionArgs
 from .masks import all_rows
 from .sdpa import masked_sdpa
 
 if extension is None:
     raise ImportError(cuda_extension_status())
 
+NAME = "cuda"
 MAX_NUM_CLASSES = extension.MAX_NUM_CLASSES
 SUPPORTED_HEAD_DIMS = tuple(extension.SUPPORTED_HEAD_DIMS)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_supported(args: LabelAttentionArgs) -> None:
+def unsupported(args: LabelAttentionArgs) -> Optional[str]:
+    """Why the compiled kernels cannot take these arguments, or None: CUDA tensors, float32/float16/bfloat16,
+    head dims SUPPORTED_HEAD_DIMS, num_classes <= MAX_NUM_CLASSES."""
     if not args.q.is_cuda:
-        raise ValueError(f"q must be a CUDA tensor for backend='cuda', got device {args.q.device}")
+        return f"q must be a CUDA tensor, got device {args.q.device}"
     if args.q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q must be float32, float16 or bfloat16 for backend='cuda', got {args.q.dtype}")
+        return f"q must be float32, float16 or bfloat16, got {args.q.dtype}"
     head_dim = args.q.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q has head dim D={head_dim}; backend='cuda' has kernels for D in {SUPPORTED_HEAD_DIMS} "
-                         f"(use backend='torch' for others)")
+        return f"q has head dim D={head_dim}; the kernels exist for D in {SUPPORTED_HEAD_DIMS} (use backend='torch')"
+    if args.num_classes > MAX_NUM_CLASSES:
+        return f"supports num_classes up to {MAX_NUM_CLASSES}, got num_classes={args.num_classes}"
+    return None
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +57,7 @@ def _sum_slot_grads(grad_q_rows: torch.Tensor, rows: torch.Tensor, q: torch.Tens
     return grad_q.transpose(1, 2).to(q.dtype)
 
 
-class RowLabelMassCUDA(torch.autograd.Function):
+class CUDARowMassFunction(torch.autograd.Function):
     """mass float32 [B, Hq, R, C] of args.query_rows from the compiled kernels, differentiable in q and k."""
 
     @staticmethod
@@ -74,10 +80,9 @@ class RowLabelMassCUDA(torch.autograd.Function):
 
 
 def label_attention(args: LabelAttentionArgs):
-    _check_supported(args)
     out = masked_sdpa(args.q, args.k, args.v, args)
     rows = all_rows(args) if args.query_rows is None else args.query_rows
     padding = None if args.key_padding_mask is None else args.key_padding_mask.contiguous()
     kernel_args = dataclasses.replace(args, query_rows=rows.contiguous(), key_class=args.key_class.contiguous(),
                                       key_padding_mask=padding)
-    return out, RowLabelMassCUDA.apply(args.q, args.k, kernel_args)
+    return out, CUDARowMassFunction.apply(args.q, args.k, kernel_args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import LabelAttentionArgs
+from .validation import LabelAttentionArgs
 from .masks import gather_rows, label_one_hot, mass_compute_dtype, row_key_visibility
 
 _CHUNK_ELEMENTS = 1 << 25
@@ -33,7 +33,7 @@ def _row_probs(args: LabelAttentionArgs, q_rows: torch.Tensor, k: torch.Tensor, 
     return torch.exp(scores - lse.nan_to_num(neginf=0.0))
 
 
-class RowLabelMass(torch.autograd.Function):
+class TorchRowMassFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, args: LabelAttentionArgs):
         compute_dtype = mass_compute_dtype(q.dtype)
@@ -79,4 +79,4 @@ class RowLabelMass(torch.autograd.Function):
 
 def row_label_mass(args: LabelAttentionArgs) -> torch.Tensor:
     """mass float32 [B, Hq, R, C] of args.query_rows, differentiable w.r.t. q and k."""
-    return RowLabelMass.apply(args.q, args.k, args)
+    return TorchRowMassFunction.apply(args.q, args.k, args)

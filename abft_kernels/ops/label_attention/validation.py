@@ -47,8 +47,12 @@ def _check_integer(name: str, t: torch.Tensor) -> None:
 
 def validate_label_attention_args(
     q, k, v, key_class, num_classes, query_rows, causal, scale, key_padding_mask,
-    max_num_classes: Optional[int] = None,
 ) -> LabelAttentionArgs:
+    """Check label_attention's arguments (see its docstring) and normalise them; one host sync for the value checks.
+
+    Raises:
+        ValueError: naming the first argument that is wrong and what was expected.
+    """
     q = _check_tensor("q", q, 4, "[B, Hq, N, D]")
     k = _check_tensor("k", k, 4, "[B, Hkv, N, D]")
     v = _check_tensor("v", v, 4, "[B, Hkv, N, D]")
@@ -77,8 +81,6 @@ def validate_label_attention_args(
         raise ValueError(f"key_class must have shape [B={batch}, N={seq_len}], got {tuple(key_class.shape)}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if max_num_classes is not None and num_classes > max_num_classes:
-        raise ValueError(f"num_classes={num_classes} is above this backend's limit of {max_num_classes}")
     if query_rows is not None:
         query_rows = _check_tensor("query_rows", query_rows, 2, "[B, R]")
         _check_integer("query_rows", query_rows)

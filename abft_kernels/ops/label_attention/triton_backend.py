@@ -19,16 +19,18 @@ padding and the ragged last block.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .._validation import LabelAttentionArgs
+from .validation import LabelAttentionArgs
 from .masks import gather_rows
 
 # The mass accumulator is [BLOCK_M, num_classes padded to a power of two] fp32 registers per program.
+NAME = "triton"
 MAX_NUM_CLASSES = 64
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -170,7 +172,7 @@ def _grad_scores(p, do, v, delta, grad_mass_rows, key_code, classes, block_has_m
 # ----------------------------------------------------------------------------------------------------
 @_autotune("forward")
 @triton.jit
-def _forward_kernel(
+def label_attention_forward_kernel(
     Q, K, V, KeyCode, RowSlot, Out, LseLog2, Mass,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
@@ -228,7 +230,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_delta_kernel(
+def label_attention_backward_delta_kernel(
     Out, GradOut, Mass, GradMass, RowSlot, Delta,
     stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
     num_q_heads, seq_len, head_dim, num_slots, num_classes,
@@ -259,7 +261,7 @@ def _backward_delta_kernel(
 
 @_autotune("backward")
 @triton.jit
-def _backward_dkdv_kernel(
+def label_attention_backward_dkdv_kernel(
     Q, K, V, GradOut, KeyCode, RowSlot, LseLog2, Delta, GradMass, GradK, GradV,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -318,7 +320,7 @@ def _backward_dkdv_kernel(
 
 @_autotune("backward")
 @triton.jit
-def _backward_dq_kernel(
+def label_attention_backward_dq_kernel(
     Q, K, V, GradOut, KeyCode, RowSlot, LseLog2, Delta, GradMass, GradQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_dqb, stride_dqh, stride_dqn,
@@ -399,7 +401,7 @@ def _forward(q, k, v, key_code, row_slot, num_slots, num_classes, causal, scale)
     # Zeros: slots that no row maps to (empty or repeated query_rows entries) read back as mass 0.
     mass = torch.zeros((batch, num_q_heads, num_slots, num_classes), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
-    _forward_kernel[grid](
+    label_attention_forward_kernel[grid](
         q, k, v, key_code, row_slot, out, lse_log2, mass,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         num_q_heads, num_q_heads // k.shape[1], seq_len, head_dim, num_slots, num_classes, scale * LOG2E,
@@ -422,7 +424,7 @@ def _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, num_classes, cau
     flags = dict(HAS_OUT_GRAD=has_out_grad, HAS_MASS_GRAD=has_mass_grad)
 
     delta = torch.empty_like(lse_log2)
-    _backward_delta_kernel[(triton.cdiv(seq_len, _DELTA_BLOCK_M), batch * num_q_heads)](
+    label_attention_backward_delta_kernel[(triton.cdiv(seq_len, _DELTA_BLOCK_M), batch * num_q_heads)](
         out, grad_out, mass, grad_mass, row_slot, delta, *_strides(out), *grad_out_strides,
         num_q_heads, seq_len, head_dim, num_slots, num_classes, **flags, **blocks, BLOCK_M=_DELTA_BLOCK_M,
     )
@@ -432,13 +434,13 @@ def _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, num_classes, cau
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device) if has_out_grad else None
     common = dict(CAUSAL=causal, DOT_FP32=_dot_fp32(q.dtype), **flags, **blocks)
     group_size = num_q_heads // num_kv_heads
-    _backward_dkdv_kernel[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads)](
+    label_attention_backward_dkdv_kernel[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads)](
         q, k, v, grad_out, key_code, row_slot, lse_log2, delta, grad_mass, grad_k, grad_v,
         *_strides(q), *_strides(k), *_strides(v), *grad_out_strides, *_strides(grad_k),
         *(_strides(grad_v) if has_out_grad else (0, 0, 0)),
         num_kv_heads, group_size, seq_len, head_dim, num_slots, num_classes, scale, scale * LOG2E, **common,
     )
-    _backward_dq_kernel[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)](
+    label_attention_backward_dq_kernel[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)](
         q, k, v, grad_out, key_code, row_slot, lse_log2, delta, grad_mass, grad_q,
         *_strides(q), *_strides(k), *_strides(v), *grad_out_strides, *_strides(grad_q),
         num_q_heads, group_size, seq_len, head_dim, num_slots, num_classes, scale, scale * LOG2E, **common,
@@ -446,7 +448,7 @@ def _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, num_classes, cau
     return grad_q, grad_k, grad_v
 
 
-class LabelAttentionFunction(torch.autograd.Function):
+class TritonLabelAttentionFunction(torch.autograd.Function):
     """(q, k, v) -> (out [B,Hq,N,D], mass of every slot [B,Hq,S,C]). Saves q, k, v, out, lse_log2, mass and the
     int32 key/row metadata: O(N) per head. A missing output gradient skips its share of the backward."""
 
@@ -467,15 +469,20 @@ class LabelAttentionFunction(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
-def _check_supported(args: LabelAttentionArgs) -> None:
+def unsupported(args: LabelAttentionArgs) -> Optional[str]:
+    """Why the kernels cannot take these arguments, or None: CUDA tensors (CPU ones only under the interpreter),
+    float16/bfloat16/float32, head dim <= MAX_HEAD_DIM, num_classes <= MAX_NUM_CLASSES."""
     q = args.q
     if not (q.is_cuda or _INTERPRET):
-        raise ValueError(f"backend='triton' needs CUDA tensors, q is on {q.device} "
-                         "(set TRITON_INTERPRET=1 before importing triton to run it on CPU)")
+        return (f"needs CUDA tensors, q is on {q.device} "
+                "(set TRITON_INTERPRET=1 before importing triton to run it on CPU)")
     if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"backend='triton' supports q of dtype float16, bfloat16 or float32, got {q.dtype}")
+        return f"supports q of dtype float16, bfloat16 or float32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, q has {q.shape[-1]}")
+        return f"supports head dims up to {MAX_HEAD_DIM}, q has {q.shape[-1]}"
+    if args.num_classes > MAX_NUM_CLASSES:
+        return f"supports num_classes up to {MAX_NUM_CLASSES}, got num_classes={args.num_classes}"
+    return None
 
 
 def _key_code(args: LabelAttentionArgs) -> torch.Tensor:
@@ -507,12 +514,11 @@ def _row_slots(args: LabelAttentionArgs):
 
 @torch.compiler.disable
 def label_attention(args: LabelAttentionArgs):
-    """Backend entry point. torch.compile runs it as an opaque call (a graph break): dynamo does not trace
-    Triton's interpreter or launcher, and the code around it still compiles."""
-    _check_supported(args)
+    """Backend entry point (arguments checked by unsupported()). torch.compile runs it as an opaque call (a graph
+    break): dynamo does not trace Triton's interpreter or launcher, and the code around it still compiles."""
     row_slot, num_slots, slot_of_entry = _row_slots(args)
     q, k, v = (_unit_last_stride(t) for t in (args.q, args.k, args.v))
-    out, mass = LabelAttentionFunction.apply(q, k, v, _key_code(args), row_slot, num_slots, args.num_classes,
+    out, mass = TritonLabelAttentionFunction.apply(q, k, v, _key_code(args), row_slot, num_slots, args.num_classes,
                                              args.causal, args.scale)
     if slot_of_entry is None:
         return out, mass

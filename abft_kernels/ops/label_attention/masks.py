@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import LabelAttentionArgs
+from .validation import LabelAttentionArgs
 
 
 def row_key_visibility(args: LabelAttentionArgs, rows: torch.Tensor) -> torch.Tensor:

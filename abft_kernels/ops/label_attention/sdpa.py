@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validation import LabelAttentionArgs
+from .validation import LabelAttentionArgs
 from .masks import row_key_visibility
 
 # Elements of the largest [B, H, rows, N] block a padded chunk may create.

@@ -1,0 +1,107 @@
+"""The backends of label_attention, what each can take, and how backend="auto" chooses.
+
+Every backend is a module of this package with the same three members:
+
+* ``NAME``: the string users pass as ``backend=``;
+* ``unsupported(args) -> Optional[str]``: None when the backend computes these (validated) arguments exactly,
+  else the reason it cannot (device, dtype, head dims, number of classes, ...);
+* ``label_attention(args) -> (out, mass)``: the computation.
+
+A backend is *available* when its module imports: the module of an optional backend raises ImportError with
+the reason (Triton not installed, the CUDA extension not built) when it cannot run here.
+
+``auto`` tries the backends of ``AUTO_ORDER`` for the inputs' device, in that order, and takes the first that is
+available and supports the arguments. The order is not yet measured (no GPU run exists, issue 11): on CUDA the
+fused Triton kernel comes first, then the exact PyTorch path; ``cuda`` (the compiled row-mass extension) is never
+chosen automatically until measurements show where it wins. ``reference`` (float64, O(N²) memory) is for tests.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from typing import NamedTuple, Optional, Tuple
+
+from .validation import LabelAttentionArgs
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+_MODULES = {
+    "reference": f"{__package__}.reference_backend",
+    "torch": f"{__package__}.torch_backend",
+    "triton": f"{__package__}.triton_backend",
+    "cuda": f"{__package__}.cuda_backend",
+}
+# backend="auto": candidates per device type, first choice first; every other device type gets _AUTO_FALLBACK.
+AUTO_ORDER = {"cuda": ("triton", "torch")}
+_AUTO_FALLBACK = ("torch",)
+
+
+class BackendChoice(NamedTuple):
+    """The backend that runs a call, and why it was chosen (for logs and benchmark reports)."""
+
+    name: str
+    reason: str
+
+
+@lru_cache(maxsize=None)
+def _load(name: str):
+    """(module, None) when backend `name` imports here, else (None, why not)."""
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as exc:
+        return None, str(exc)
+
+
+def backend_available(name: str) -> bool:
+    """Whether backend `name` can run here at all (it may still refuse some arguments, e.g. CPU tensors)."""
+    check_backend_name(name)
+    return name == "auto" or _load(name)[0] is not None
+
+
+def backend_status(name: str) -> str:
+    """One line: "available", or why backend `name` cannot run here."""
+    check_backend_name(name)
+    if name == "auto":
+        return "available"
+    return _load(name)[1] or "available"
+
+
+def clear_backend_cache() -> None:
+    """Forget which backends imported (tests that swap the CUDA extension for a stand-in call this)."""
+    _load.cache_clear()
+
+
+def check_backend_name(name) -> None:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def _why_not(name: str, args: LabelAttentionArgs) -> Tuple[Optional[object], Optional[str]]:
+    module, reason = _load(name)
+    if module is None:
+        return None, f"not available here: {reason}"
+    reason = module.unsupported(args)
+    return (None, reason) if reason else (module, None)
+
+
+def choose_backend(backend: str, args: LabelAttentionArgs):
+    """(module, BackendChoice) for `backend` on these arguments.
+
+    Raises:
+        ValueError: an unknown name; an explicit backend that is unavailable or cannot take the arguments (with its
+            own reason); "auto" when no candidate can (with every candidate's reason).
+    """
+    check_backend_name(backend)
+    if backend != "auto":
+        module, reason = _why_not(backend, args)
+        if module is None:
+            raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+        return module, BackendChoice(backend, "requested")
+    order = AUTO_ORDER.get(args.q.device.type, _AUTO_FALLBACK)
+    skipped = []
+    for name in order:
+        module, reason = _why_not(name, args)
+        if module is not None:
+            why = f"auto on {args.q.device.type}: first of {order} that takes the call"
+            return module, BackendChoice(name, why + "".join(f"; skipped {s}" for s in skipped))
+        skipped.append(f"{name} ({reason})")
+    raise ValueError(f"backend='auto' found no backend for this call: {'; '.join(skipped)}")

@@ -1,0 +1,77 @@
+"""The public op: label_attention, and resolve_backend that says which backend a call would run on."""
+from __future__ import annotations
+
+from .backends import BackendChoice, choose_backend
+from .validation import validate_label_attention_args
+
+
+def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,
+                    key_padding_mask=None, backend="auto"):
+    """Attention output and the attention mass on each label class, without forming the N x N scores.
+
+    For every query row i of every head, with S = scale·q·kᵀ (+ the mask) and P = softmax(S) over the keys i sees::
+
+        out[i]     = sum_j P[i, j] · v[j]                      (ordinary attention)
+        mass[i, c] = sum_{j : key_class[j] == c} P[i, j]        (design.md §2: mass = P · onehot(key_class))
+
+    Which keys row i sees (x = visible, . = masked), N = 4, row 1 of sample 0 selected by query_rows::
+
+        causal=True        causal=True, key_padding_mask=[F, T, T, T] (left padding)
+        row 0  x . . .     row 0  . . . .   <- sees no key: out and mass are 0 there, not NaN
+        row 1  x x . .     row 1  . x . .
+        row 2  x x x .     row 2  . x x .
+        row 3  x x x x     row 3  . x x x
+
+    ABFT (arXiv 2505.14233, §3) needs mass for the query token only: query_rows = [[N - 1]].
+
+    Args:
+        q: float16/bfloat16/float32/float64 [B, Hq, N, D], the queries.
+        k: [B, Hkv, N, D] in q's dtype; Hq must be a multiple of Hkv (GQA: query head h reads key head
+            h // (Hq / Hkv)).
+        v: [B, Hkv, N, D] in q's dtype.
+        key_class: integer [B, N]: the class of each key position, -1 for a token that is not a label, else
+            0 .. num_classes - 1.
+        num_classes: int >= 1, C.
+        query_rows: integer [B, R] or None. The rows whose masses are returned; -1 is an empty slot whose mass
+            is 0 (to pad samples with fewer rows); a row may repeat (each slot gets the same mass and the
+            gradients add). None (default): every row, R = N.
+        causal: row i sees keys j <= i (default True).
+        scale: softmax scale, default 1 / sqrt(D).
+        key_padding_mask: bool [B, N] or None; True = real token (Hugging Face's convention). Padding keys are
+            seen by no row; padding rows see what their position allows and are usually ignored by the caller.
+        backend: "auto" (default), "reference", "torch", "triton" or "cuda"; see resolve_backend and
+            abft_kernels.ops.label_attention.backends for what each takes.
+
+    Returns:
+        out: [B, Hq, N, D] in q's dtype.
+        mass: float32 [B, Hq, R, C]: mass[b, h, r, c] is the probability that row query_rows[b, r] of head h puts
+            on keys of class c. Rows that see no key and empty slots give zeros. Differentiable w.r.t. q and k
+            (and out w.r.t. q, k, v) on every backend.
+
+    Raises:
+        ValueError: an argument of the wrong type, rank, shape, dtype or device (the message names it); class ids
+            outside [-1, C) or rows outside [-1, N); an unknown backend; a backend that is unavailable here or
+            cannot take these arguments (its reason is given; "auto" only raises when none can).
+    """
+    args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
+                                         key_padding_mask)
+    module, _ = choose_backend(backend, args)
+    return module.label_attention(args)
+
+
+def resolve_backend(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,
+                    key_padding_mask=None, backend="auto") -> BackendChoice:
+    """The backend that label_attention would run these arguments on, and why (nothing is computed).
+
+    Args: as label_attention.
+
+    Returns:
+        BackendChoice(name, reason): name is a concrete backend ("reference", "torch", "triton" or "cuda"); reason
+        says why it was chosen ("requested", or auto's order and the candidates it skipped with their reasons).
+
+    Raises:
+        ValueError: as label_attention.
+    """
+    args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
+                                         key_padding_mask)
+    return choose_backend(backend, args)[1]

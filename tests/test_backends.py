@@ -1,0 +1,61 @@
+"""The backend registry: explicit backends raise their own reason; auto takes the first backend that can."""
+import pytest
+import torch
+
+import abft_kernels as ak
+from abft_kernels.ops.label_attention import backends
+from helpers import make_problem
+
+needs_triton = pytest.mark.skipif(not ak.backend_available("triton"), reason="triton is not installed")
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ak.label_attention(**make_problem(seq_len=4), backend="flash")
+
+
+def test_auto_on_cpu_is_torch_and_says_why():
+    choice = ak.resolve_backend(**make_problem(seq_len=4))
+    assert choice == ak.BackendChoice("torch", "auto on cpu: first of ('torch',) that takes the call")
+
+
+def test_explicit_backend_is_requested():
+    assert ak.resolve_backend(**make_problem(seq_len=4), backend="reference") == ("reference", "requested")
+
+
+@needs_triton
+@pytest.mark.parametrize("change,reason", [
+    (dict(num_classes=65), "num_classes up to 64"),
+    (dict(head_dim=264), "head dims up to 256"),
+    (dict(dtype=torch.float64), "float16, bfloat16 or float32"),
+])
+def test_auto_falls_back_when_the_first_choice_cannot(monkeypatch, change, reason):
+    """With triton first in auto's order, arguments beyond the kernel's limits go to torch, and the reason says why;
+    asked for explicitly, triton raises that reason."""
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
+    problem = make_problem(seq_len=4, **change)
+    choice = ak.resolve_backend(**problem)
+    assert choice.name == "torch" and "skipped triton" in choice.reason and reason in choice.reason
+    with pytest.raises(ValueError, match=f"backend='triton' cannot run this call: .*{reason}"):
+        ak.label_attention(**problem, backend="triton")
+
+
+@needs_triton
+def test_auto_takes_the_first_candidate_that_can(monkeypatch):
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
+    assert ak.resolve_backend(**make_problem(seq_len=4)).name == "triton"
+
+
+def test_auto_raises_when_no_candidate_can(monkeypatch):
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("cuda",))
+    monkeypatch.setattr(backends, "_load", lambda name: (None, "the extension is not built"))
+    with pytest.raises(ValueError, match=r"found no backend for this call: cuda \(not available here: the extension"):
+        ak.label_attention(**make_problem(seq_len=4))
+
+
+def test_status_of_every_backend():
+    for name in ak.BACKENDS:
+        status = ak.backend_status(name)
+        assert (status == "available") == ak.backend_available(name)
+    if not ak.cuda_extension_available():
+        assert ak.backend_status("cuda") == ak.cuda_extension_status()
