@@ -83,10 +83,42 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
               key_padding_mask=None, causal: bool = True):
     """ABFT loss summed over layers and heads, averaged over the (sample, row) pairs with a target.
 
-    For each (layer, sample, head, row): S = sum_c mass[c]; the head counts when S > T with
-    T = k / (k + ln n_t) (k label tokens visible to the row, n_t real tokens up to it); a counted head
-    adds A·(S − m_y) + B·(n_y − m_y), where y = target_class[b, r], m_y its mass and n_y its number of
-    visible label tokens. target_class [B,R] int, -1 = ignore the row. Returns (loss, ABFTLossInfo).
+    Source: arXiv 2505.14233, §3 (induction-head filter and the loss of a counted head); design.md §1. For each
+    (layer l, sample b, head h, row r) with gold class y = target_class[b, r]::
+
+        S   = sum_c mass[c]                    mass on every visible label token
+        T   = k / (k + ln n_t)                 k label tokens visible to the row, n_t real tokens up to it
+        counted  <=>  S > T                    (the filter; no gradient flows through it)
+        L   = A·(S − m_y) + B·(n_y − m_y)      for a counted head, else 0
+
+    where m_y is the mass on the gold class and n_y the number of visible label tokens of that class (so
+    B·(n_y − m_y) is B·sum_{i in I+} (1 − alpha_i), and S − m_y is the mass on the wrong labels, sum_{i in I−}).
+
+    Args:
+        masses: the label masses of every layer: a sequence of L float tensors [B, H, R, C] (outputs.attentions of
+            a model called with abft=) or one tensor [L, B, H, R, C]; probabilities, unitless.
+        target_class: integer [B, R]: the gold class of each row, -1 = the row carries no target (ignored).
+        key_class: integer [B, N]: class of each token as a key, -1 = not a label token (as given to
+            label_attention); it gives k, n_y and n_t.
+        query_rows: integer [B, R] (the rows the masses belong to, -1 = empty slot: its target must be -1), or None
+            when R = N (every row).
+        A: weight of the mass on wrong labels (float or 0-d tensor; default 0.5, the paper's A0; the PID controller
+            steers it between steps).
+        B: weight of the missing mass on gold labels (default 1.0, the paper's B).
+        key_padding_mask: bool [B, N], True = real token; padding is neither a visible label nor counted in n_t.
+        causal: as given to label_attention: a row sees the keys up to itself (default True).
+
+    Returns:
+        (loss, info): loss, a 0-d tensor in masses' dtype: the sum over layers, heads and target rows of L, divided
+        by the number of target rows (0 when no row has a target); info, an ABFTLossInfo (detached): counted
+        [L, B, H, R], counted_heads [B] (counted (layer, head) pairs per target row of each sample), label_mass and
+        gold_mass [L, B, H, R], threshold [B, R] (inf where no label is visible), has_target [B, R],
+        num_target_rows; mean_counted_heads is the PID controller's input.
+
+    Raises:
+        ValueError: masses of the wrong rank or of different shapes, or not floating point; target_class,
+            key_class, query_rows or key_padding_mask of the wrong dtype, shape or device; class ids outside
+            [-1, C); rows outside [-1, N); a target on an empty slot. The value checks cost one host sync.
     """
     mass = _stack_masses(masses)
     _, batch, _, num_rows, num_classes = mass.shape
