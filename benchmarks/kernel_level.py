@@ -28,11 +28,16 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor):
     return ((x - ref).norm() / ref.norm()).item()
 
 
+def kernel_row(method: Method, shape: KernelShape, backward: bool) -> dict:
+    """What identifies a kernel-level result row: level, method, mode and the shape."""
+    return {"level": "kernel", "method": method.name, "mode": "fwd+bwd" if backward else "fwd", **shape.describe()}
+
+
 def measure_kernel(method: Method, shape: KernelShape, device: torch.device, backward: bool, timing: Timing,
                    ref_mass: Optional[torch.Tensor] = None) -> dict:
     """A result row: shape, method, mode, status ("ok", "OOM", "skipped", "unavailable", "error") and,
     when ok, median_ms, tflops, peak_memory_gib (None off CUDA) and mass_rel_err (forward only)."""
-    row = {"level": "kernel", "method": method.name, "mode": "fwd+bwd" if backward else "fwd", **shape.describe()}
+    row = kernel_row(method, shape, backward)
     reason = method.unavailable(device, backward)
     if reason is not None:
         return {**row, "status": "unavailable", "reason": reason}
@@ -62,8 +67,13 @@ def make_step(method: Method, problem: KernelProblem, backward: bool):
 
 def _measure(method: Method, shape: KernelShape, device: torch.device, backward: bool, timing: Timing,
              ref_mass: Optional[torch.Tensor]) -> dict:
-    step, outputs = make_step(method, make_problem(shape, device, requires_grad=backward), backward)
+    problem = make_problem(shape, device, requires_grad=backward)
     result = {}
+    if method.backend is not None:  # which backend our call runs on, and why (auto's choice)
+        choice = ak.resolve_backend(problem.q, problem.k, problem.v, problem.key_class, problem.num_classes,
+                                    query_rows=problem.query_rows, backend=method.backend)
+        result.update(backend=choice.name, backend_reason=choice.reason)
+    step, outputs = make_step(method, problem, backward)
     if not backward and method.computes_masses and ref_mass is not None:
         result["mass_rel_err"] = relative_error(outputs[1], ref_mass)
     del outputs

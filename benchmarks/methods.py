@@ -29,6 +29,7 @@ class Method:
     build: Callable[[KernelProblem], Callable[[], tuple]]
     unavailable: Callable[[torch.device, bool], Optional[str]]
     memory_estimate: Optional[Callable[[KernelShape, bool], float]] = None  # bytes, for the size cap
+    backend: Optional[str] = None  # label_attention's backend= for our methods (the rows record what it resolved to)
 
 
 def _always_available(device: torch.device, backward: bool) -> Optional[str]:
@@ -219,15 +220,17 @@ METHODS = {m.name: m for m in (
     Method("eager", "eager attention materialising P (transformers' output_attentions path), mass = P·Y",
            True, build_eager, _always_available, eager_memory),
     Method("sdpa", "torch SDPA, no masses (speed of light for the output)", False, build_sdpa, _always_available),
+    Method("auto", "ours, backend='auto': the backend auto chooses for the shape (recorded in the row)", True,
+           build_label_attention("auto"), _always_available, backend="auto"),
     Method("torch", "ours, backend='torch': SDPA + exact recompute of the selected rows", True,
-           build_label_attention("torch"), _always_available),
+           build_label_attention("torch"), _always_available, backend="torch"),
     Method("sdpa_onehot", "SDPA with the one-hot label matrix appended to V (input dtype)", True,
            build_sdpa_one_hot, _always_available),
     Method("flex", "compiled FlexAttention, masses from per-class log-sum-exps", True, build_flex,
            flex_unavailable),
     Method("flash_attn", "flash-attn flash_attn_func, no masses", False, build_flash_attn, flash_attn_unavailable),
     Method("triton", "ours, backend='triton': fused Triton kernel", True, build_label_attention("triton"),
-           gpu_backend_unavailable("triton")),
+           gpu_backend_unavailable("triton"), backend="triton"),
     Method("cuda", "ours, backend='cuda': compiled CUDA extension", True, build_label_attention("cuda"),
-           gpu_backend_unavailable("cuda")),
+           gpu_backend_unavailable("cuda"), backend="cuda"),
 )}

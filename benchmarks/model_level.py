@@ -2,6 +2,8 @@
 
 Only W_Q and W_K train, as in the paper, so backward computes their gradients and the activation
 gradients that reach them; there is no optimizer step and no LM head (the ABFT loss needs neither).
+The `sdpa` method is the baseline without masses: plain SDPA attention and a stand-in loss on the query
+token's last hidden state, so its memory is that of ordinary training of the same parameters.
 The prompt is laid out like the kernel level's (benchmarks/shapes.py): random token ids, a label token of
 a random class every DEMO_LEN tokens (token id = class id), the query is the last token, its gold class random.
 """
@@ -72,6 +74,11 @@ def eager_masses(model, batch: ModelBatch):
     return {}, masses
 
 
+def no_masses(model, batch: ModelBatch):
+    model.set_attn_implementation("sdpa")
+    return {}, None
+
+
 def hf_masses(backend: str):
     def setup(model, batch: ModelBatch):
         apply_abft(model)
@@ -85,13 +92,16 @@ def hf_masses(backend: str):
 class ModelMethod:
     name: str
     description: str
-    backend: Optional[str]  # label_attention backend, None for eager
+    backend: Optional[str]  # label_attention backend, None for eager and plain SDPA
     setup: Callable
+    computes_masses: bool = True
 
 
 MODEL_METHODS = {m.name: m for m in (
     ModelMethod("eager", "attn_implementation='eager', output_attentions=True, masses = P[query]·Y", None,
                 eager_masses),
+    ModelMethod("sdpa", "attn_implementation='sdpa', no masses: ordinary training of W_Q, W_K (a stand-in loss "
+                "on the query token's last hidden state)", None, no_masses, computes_masses=False),
     ModelMethod("sdpa_torch", "attn_implementation='abft' with LabelSpec(backend='torch'): SDPA + row recompute",
                 "torch", hf_masses("torch")),
     ModelMethod("abft", "attn_implementation='abft' with LabelSpec(backend='auto'): the default", "auto",
@@ -99,10 +109,13 @@ MODEL_METHODS = {m.name: m for m in (
 )}
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype, max_seq_len: int):
+def build_model(name: str, device: torch.device, dtype: torch.dtype, max_seq_len: int,
+                num_layers: Optional[int] = None):
+    """The model of MODEL_CONFIGS[name] with random weights; num_layers (default: all of them) keeps the first ones."""
     from transformers import LlamaConfig, LlamaModel
 
-    config = LlamaConfig(**MODEL_CONFIGS[name], max_position_embeddings=max_seq_len, attn_implementation="eager")
+    shape = {**MODEL_CONFIGS[name], **({} if num_layers is None else {"num_hidden_layers": num_layers})}
+    config = LlamaConfig(**shape, max_position_embeddings=max_seq_len, attn_implementation="eager")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaModel._from_config(config, dtype=dtype)
@@ -123,12 +136,19 @@ def eager_memory(model, seq_len: int) -> float:
 
 def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
     """Returns the loss and the mean label mass S over layers and heads (loss is 0 until a head passes
-    the induction filter, so S is what shows that methods agree on a random model)."""
-    outputs = model(input_ids=batch.input_ids, output_attentions=True, use_cache=False, **kwargs)
-    loss, info = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
+    the induction filter, so S is what shows that methods agree on a random model). masses_of=None is
+    the plain training step: no masses, the loss is the mean square of the query token's last hidden
+    state, and S is None."""
+    outputs = model(input_ids=batch.input_ids, output_attentions=masses_of is not None, use_cache=False, **kwargs)
+    if masses_of is None:
+        query_state = gather_rows(outputs.last_hidden_state[:, None], batch.query_rows)
+        loss, label_mass = query_state.float().square().mean(), None
+    else:
+        loss, info = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
+        label_mass = info.label_mass.mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return loss.detach(), info.label_mass.mean()
+    return loss.detach(), label_mass
 
 
 def resolved_backend(method: ModelMethod, name: str, device: torch.device, dtype: torch.dtype) -> dict:
@@ -146,25 +166,39 @@ def resolved_backend(method: ModelMethod, name: str, device: torch.device, dtype
     return {"backend": choice.name, "backend_reason": choice.reason}
 
 
-def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int):
-    """Result rows of every (N, method) on model `name`; see measure_model."""
-    built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens))}, device)
-    model = built.pop("model", None)
+def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int,
+                num_layers: Optional[int] = None, done: Callable[[dict], bool] = lambda row: False,
+                not_run: Callable[[dict], Optional[dict]] = lambda row: None):
+    """Yields the result row of every (N, method) on model `name` (see measure_model), with num_layers of its
+    layers (default: all). Rows for which done(row) is true are left out; a row for which not_run(row) gives
+    a status and reason is yielded with them, unmeasured. The model is built for the first row measured."""
+    layers = num_layers or MODEL_CONFIGS[name]["num_hidden_layers"]
+    built = None
     for seq_len in seq_lens:
         for method in methods:
             row = {"level": "model", "model": name, "method": method.name, **resolved_backend(method, name, device, dtype),
                    "seq_len": seq_len,
                    "batch": 1, "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES,
-                   "dtype": str(dtype)[6:], "gradient_checkpointing": device.type == "cuda"}
-            if model is None:
+                   "dtype": str(dtype)[6:], "gradient_checkpointing": device.type == "cuda", "num_layers": layers,
+                   "model_num_layers": MODEL_CONFIGS[name]["num_hidden_layers"]}
+            if done(row):
+                continue
+            reason = not_run(row)
+            if reason is not None:
+                yield {**row, **reason}
+                continue
+            if built is None:
+                built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens), num_layers)}, device)
+            if "model" not in built:
                 yield {**row, "status": built["status"], "reason": "building the model failed: " + built["reason"]}
             else:
-                yield {**row, **measure_model(model, method, seq_len, device, reps)}
+                yield {**row, **measure_model(built["model"], method, seq_len, device, reps)}
 
 
 def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int) -> dict:
     """Status and, when ok: median_ms of `reps` steps after one warm-up step, peak_memory_gib (None off
-    CUDA), and the warm-up step's loss and mean label mass (the same for every method, up to rounding)."""
+    CUDA), the warm-up step's loss and mean label mass (the same for every method that computes masses, up
+    to rounding; None for plain SDPA) and weights_gib, the bytes of the weights (part of the peak)."""
     reason = too_big(eager_memory(model, seq_len), device) if method.name == "eager" else None
     if reason is not None:
         return {"status": "skipped", "reason": reason}
@@ -177,8 +211,9 @@ def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device
             abft_step(model, batch, kwargs, masses_of)
 
         loss, label_mass = abft_step(model, batch, kwargs, masses_of)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
         median_ms = wall_median_ms(step, device, 0, reps)
         return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device), "loss": loss.item(),
-                "mean_label_mass": label_mass.item()}
+                "mean_label_mass": None if label_mass is None else label_mass.item(), "weights_gib": weights / 2 ** 30}
 
     return guarded(measure, device)

@@ -25,8 +25,9 @@ CONVENTIONS = {
                     "inputs from the row recompute of backend 'torch'; forward only",
     "model step": "forward with output_attentions, abft_loss, backward, zero_grad; median of the timed steps "
                   "after one warm-up step; W_Q and W_K trainable, no optimizer step, no LM head",
-    "status": "ok | OOM (ran out of memory) | skipped (a size estimate said it cannot fit) | "
-              "unavailable (cannot run here; see reason) | error (see reason)",
+    "status": "ok | OOM (ran out of memory) | skipped (a size estimate said it cannot fit, or the run's time "
+              "budget was spent) | unavailable (cannot run here; see reason) | error (see reason)",
+    "wall_s": "wall time of the whole measurement (building, warm-up, compiles, timing), for planning runs",
 }
 
 
@@ -54,7 +55,8 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine makes CPU timings noisy
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": None if commit is None else commit + ("-dirty" if dirty else ""),
+        # A copy of the tree without .git (a device machine's) names its commit in ABFT_COMMIT.
+        "commit": os.environ.get("ABFT_COMMIT") if commit is None else commit + ("-dirty" if dirty else ""),
     }
 
 
@@ -94,11 +96,16 @@ def _kernel_groups(rows: list):
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [f"# label_attention benchmarks: {env['device']} ({results['mode']} mode)", ""]
-    if results["mode"] == "quick":
+    if results.get("quick", results["mode"] == "quick"):
         lines += ["Quick mode: tiny shapes and few repetitions, a smoke test of the suite. These numbers say "
                   "nothing about large shapes or GPUs.", ""]
-    lines += [f"Command: `{results['command']}`", "",
-              "| " + " | ".join(env) + " |", "|---" * len(env) + "|",
+    commands = results.get("commands", [results["command"]])
+    if len(commands) > 1:
+        lines += ["Commands (each later one resumed the results of those before it):", ""]
+        lines += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)] + [""]
+    else:
+        lines += [f"Command: `{results['command']}`", ""]
+    lines += ["| " + " | ".join(env) + " |", "|---" * len(env) + "|",
               "| " + " | ".join(str(v) for v in env.values()) + " |", ""]
     lines += ["Conventions:", ""] + [f"* {k}: {v}" for k, v in results["conventions"].items()] + [""]
     lines += ["Methods:", ""] + [f"* `{name}`: {m['description']}" for name, m in results["methods"].items()] + [""]
@@ -126,15 +133,18 @@ def markdown(results: dict) -> str:
         models.setdefault(r["model"], []).append(r)
     for model, rows in models.items():
         methods = _methods_run(rows)
-        lines += [f"## Model, {model}, one ABFT step (forward, abft_loss, backward), {rows[0]['dtype']}, "
+        layers = rows[0].get("num_layers"), rows[0].get("model_num_layers")
+        fewer = f", its first {layers[0]} of {layers[1]} layers" if layers[0] != layers[1] else ""
+        lines += [f"## Model, {model}{fewer}, one ABFT step (forward, abft_loss, backward), {rows[0]['dtype']}, "
                   f"gradient checkpointing {rows[0]['gradient_checkpointing']}", ""]
         backends = dict.fromkeys(f"{r['method']} → {r['backend']}" for r in rows if r["backend"] is not None)
         lines += ["label_attention backend: " + ", ".join(backends), "", "Median step time, ms:", ""]
         lines += _table(rows, methods, "median_ms", ".4g")
         if any(r.get("peak_memory_gib") is not None for r in rows):
             lines += ["", "Peak memory, GiB:", ""] + _table(rows, methods, "peak_memory_gib", ".3g")
+        mass_methods = [m for m in methods if results["methods"][f"model/{m}"]["computes_masses"]]
         lines += ["", "Mean label mass S of the first step (equal across methods up to rounding):", ""]
-        lines += _table(rows, methods, "mean_label_mass", ".6g")
+        lines += _table(rows, mass_methods, "mean_label_mass", ".6g")
         lines.append("")
     plots = results.get("plots", [])
     if plots:
@@ -222,15 +232,25 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write(results: dict, out_dir: Path) -> list:
-    """results -> <mode>.json, <mode>_*.png and <mode>.md under out_dir; returns the paths written.
-    The JSON is written first, so a failure while plotting loses no measurement."""
+def write_json(results: dict, out_dir: Path) -> Path:
+    """results -> <mode>.json under out_dir, replaced in one step (a run killed while writing leaves the
+    previous version whole)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = results["mode"]
-    json_path, md_path = out_dir / f"{prefix}.json", out_dir / f"{prefix}.md"
+    path = out_dir / f"{results['mode']}.json"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def write(results: dict, out_dir: Path, plots: bool = True) -> list:
+    """results -> <mode>.json, <mode>_*.png (unless plots=False) and <mode>.md under out_dir; returns the
+    paths written. The JSON is written first, so a failure while plotting loses no measurement."""
     results["plots"] = []
-    json_path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    results["plots"] = plot(results, out_dir, prefix)
-    json_path.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    json_path = write_json(results, out_dir)
+    if plots:
+        results["plots"] = plot(results, out_dir, results["mode"])
+        write_json(results, out_dir)
+    md_path = out_dir / f"{results['mode']}.md"
     md_path.write_text(markdown(results))
     return [json_path, md_path] + [out_dir / p for p in results["plots"]]

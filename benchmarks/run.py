@@ -1,81 +1,207 @@
-"""Benchmark runner: `python -m benchmarks.run [--quick]` (or `abft bench`); see benchmarks/README.md.
+"""Benchmark runner: `python -m benchmarks.run [--quick | --preset gpu-headline]` (or `abft bench`); see its README.
 
 Sweeps the kernel-level shapes and the model-level prompt lengths, writes <mode>.json, <mode>.md and
 PNG plots to benchmarks/results/<device>/ and prints a short table. Every failure (out of memory,
-a method that cannot run here) is recorded in the results; none stops the run.
+a method that cannot run here) is recorded in the results; none stops the run. The JSON is rewritten
+after every measurement, so a run that is killed keeps what it measured, and --resume continues it.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import shlex
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from . import kernel_level, model_level, report
 from .methods import METHODS
 from .shapes import DTYPES, ROW_SETS, kernel_shapes
-from .timing import Timing, device_slug, guarded
+from .timing import EXIT_CONTEXT_BROKEN, Timing, cuda_context_error, device_slug, guarded
 
 MODES = ("fwd", "fwd+bwd")
+BUDGET_REASON = "not run: the time budget (--budget-s {:g}) was spent"  # --resume measures these rows again
+# The fields that identify a result row (two rows with the same ones are the same measurement).
+ROW_KEYS = {
+    "kernel": ("method", "mode", "dtype", "rows", "seq_len", "batch", "heads", "kv_heads", "head_dim",
+               "num_classes", "demo_len"),
+    "model": ("model", "method", "seq_len", "batch", "dtype", "num_layers"),
+}
+
+# Option values that a preset sets where the command line gives none. Order of the runs: `priority`
+# lists (rows, mode) groups measured first, in that order; plots=False writes no PNG files.
+DEFAULTS = dict(levels=["kernel", "model"], methods=list(METHODS), modes=list(MODES), rows=list(ROW_SETS),
+                model_methods=list(model_level.MODEL_METHODS), plots=True, priority=None)
+PRESETS = {
+    # Issue 11's headline on one GPU: Llama-3-8B attention in bf16, the rows that its goals need first
+    # (R = 1 forward + backward, then R = N forward). flex is left out (its compiles take minutes): add it
+    # with --methods flex.
+    "gpu-headline": dict(
+        levels=["kernel", "model"], dtypes=["bfloat16"], seq_lens=[2048, 8192, 32768], rows=["last", "all"],
+        modes=list(MODES), methods=["sdpa", "triton", "cuda", "torch", "sdpa_onehot", "eager"],
+        models=["llama-3-8b"], model_seq_lens=[4096, 32768], model_methods=["eager", "sdpa", "abft"],
+        plots=False, priority=[("last", "fwd+bwd"), ("all", "fwd"), ("last", "fwd"), ("all", "fwd+bwd")],
+    ),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, few repetitions, SmolLM2-135M at N=256: a CPU smoke test")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="gpu-headline: issue 11's headline sweep (bf16 Llama-3-8B attention, N=2048/8192/32768, "
+                             "rows last and all; Llama-3-8B steps at N=4096/32768), written as headline.json/.md; "
+                             "options given explicitly override it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")
-    parser.add_argument("--levels", nargs="+", choices=("kernel", "model"), default=["kernel", "model"])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="kernel-level methods")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--levels", nargs="+", choices=("kernel", "model"), default=None)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                        help="kernel-level methods (default: all)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None)
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
                         help="default: float16 bfloat16 (quick: bfloat16)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="kernel-level N (default: 512..65536)")
-    parser.add_argument("--rows", nargs="+", choices=ROW_SETS, default=list(ROW_SETS))
+    parser.add_argument("--rows", nargs="+", choices=ROW_SETS, default=None)
     parser.add_argument("--heads", nargs=3, type=int, metavar=("HQ", "HKV", "D"), default=None,
                         help="kernel-level head counts and head dim (default: 32 8 128; quick: 4 2 32)")
     parser.add_argument("--batch", type=int, default=None,
                         help="kernel-level batch size (default: max(1, 16384 // N); quick: 1)")
     parser.add_argument("--models", nargs="+", choices=list(model_level.MODEL_CONFIGS), default=None,
                         help="default: llama-3.2-1b llama-3-8b on CUDA, smollm2-135m on CPU")
-    parser.add_argument("--model-methods", nargs="+", choices=list(model_level.MODEL_METHODS),
-                        default=list(model_level.MODEL_METHODS))
+    parser.add_argument("--model-methods", nargs="+", choices=list(model_level.MODEL_METHODS), default=None)
     parser.add_argument("--model-seq-lens", nargs="+", type=int, default=None, help="default: 512..32768 (quick: 256)")
+    parser.add_argument("--model-layers", type=int, default=None,
+                        help="keep only the first layers of each model (default: all; the results say so)")
+    parser.add_argument("--model-reps", type=int, default=None, help="timed steps per model row (default: 3; quick: 1)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no measurement after this many seconds; the rest is recorded as skipped")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of <out>/<mode>.json and measure only the missing ones (and those "
+                             "skipped for time); methods that broke the CUDA context there are not run again")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="write PNG plots")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for key, value in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.model_layers is not None and args.model_layers < 1:
+        parser.error("--model-layers must be at least 1")
+    if args.model_reps is not None and args.model_reps < 1:
+        parser.error("--model-reps must be at least 1")
+    return args
 
 
-def run_kernel_level(args, shapes: list, device: torch.device, timing: Timing) -> list:
-    rows = []
-    methods = [METHODS[name] for name in args.methods]
-    for shape in shapes:
-        ref_mass = None
-        if "fwd" in args.modes:
-            ref_mass = guarded(lambda: {"mass": kernel_level.reference_mass(shape, device)}, device).get("mass")
-        for mode in args.modes:
-            for method in methods:
-                row = kernel_level.measure_kernel(method, shape, device, mode == "fwd+bwd", timing, ref_mass)
-                _progress(row, f"kernel {mode} {shape.dtype} N={shape.seq_len} rows={shape.rows}")
-                rows.append(row)
-        del ref_mass
-    return rows
+class ContextBroken(Exception):
+    """A call left the CUDA context unusable: nothing more can be measured in this process."""
 
 
-def run_model_level(args, seq_lens: list, device: torch.device) -> list:
-    rows = []
+class Book:
+    """The rows of a run as they come: each is printed and <out>/<mode>.json rewritten after it. Knows the
+    time budget, the methods that broke the CUDA context, and with resume the rows of an earlier run."""
+
+    def __init__(self, results: dict, out_dir: Path, device: torch.device, budget_s: Optional[float], resume: bool):
+        self.results, self.out_dir, self.device, self.budget_s = results, out_dir, device, budget_s
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        results.setdefault("broken_methods", {})
+        self.done_keys = set()
+        path = out_dir / f"{results['mode']}.json"
+        if resume and path.is_file():
+            earlier = json.loads(path.read_text())
+            results["commands"] = earlier.get("commands", [earlier["command"]]) + [results["command"]]
+            results["broken_methods"].update(earlier.get("broken_methods", {}))
+            for level in ROW_KEYS:  # rows skipped for time stay until a measurement replaces them
+                results[level] = earlier.get(level, []) + results[level]
+                self.done_keys |= {self._key(r) for r in results[level] if not _budget_skipped(r)}
+
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return (row["level"],) + tuple(row.get(k) for k in ROW_KEYS[row["level"]])
+
+    def done(self, row: dict) -> bool:
+        return self._key(row) in self.done_keys
+
+    def not_run(self, row: dict) -> Optional[dict]:
+        """The status and reason of a row that is not to be measured, or None."""
+        broken = self.results["broken_methods"].get(f"{row['level']}/{row['method']}")
+        if broken is not None:
+            return {"status": "error", "reason": f"not run: an earlier call of this method broke the CUDA context "
+                                                 f"({broken})"}
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return {"status": "skipped", "reason": BUDGET_REASON.format(self.budget_s)}
+        return None
+
+    def add(self, row: dict, where: str) -> None:
+        rows = self.results[row["level"]]
+        same = [i for i, earlier in enumerate(rows) if self._key(earlier) == self._key(row)]
+        if same:  # a row that an earlier run skipped for time
+            rows[same[0]] = row
+        else:
+            rows.append(row)
+        _progress(row, where)
+        broken = cuda_context_error(self.device) if row["status"] in ("error", "OOM") else None
+        if broken is not None:
+            self.results["broken_methods"][f"{row['level']}/{row['method']}"] = row["reason"]
+            self.results["context_broken"] = f"{where} {row['method']}: {row['reason']} (then: {broken})"
+        report.write_json(self.results, self.out_dir)
+        if broken is not None:
+            raise ContextBroken(self.results["context_broken"])
+
+
+def _budget_skipped(row: dict) -> bool:
+    return row["status"] == "skipped" and row.get("reason", "").startswith(BUDGET_REASON.split("(")[0])
+
+
+def kernel_plan(shapes: list, modes: list, methods: list, priority: Optional[list] = None) -> list:
+    """(shape, mode, method) in the order they are measured: shape by shape, mode by mode, method by method;
+    with a priority list of (rows, mode) groups, those groups first and in that order (each in that order)."""
+    items = [(shape, mode, method) for shape in shapes for mode in modes for method in methods]
+    if priority is None:
+        return items
+    rank = {tuple(group): i for i, group in enumerate(priority)}
+    return sorted(items, key=lambda item: rank.get((item[0].rows, item[1]), len(rank)))
+
+
+def run_kernel_level(args, shapes: list, device: torch.device, timing: Timing, book: Book) -> None:
+    ref_masses = {}  # shape -> exact fp32 masses (None when computing them failed), computed when first needed
+    for shape, mode, method in kernel_plan(shapes, args.modes, [METHODS[m] for m in args.methods], args.priority):
+        backward = mode == "fwd+bwd"
+        where = f"kernel {mode} {shape.dtype} N={shape.seq_len} rows={shape.rows}"
+        row = kernel_level.kernel_row(method, shape, backward)
+        if book.done(row):
+            continue
+        reason = book.not_run(row)
+        if reason is not None:
+            book.add({**row, **reason}, where)
+            continue
+        start = time.monotonic()
+        if not backward and method.computes_masses and method.unavailable(device, backward) is None:
+            if shape not in ref_masses:
+                ref_masses[shape] = guarded(lambda: {"mass": kernel_level.reference_mass(shape, device)},
+                                            device).get("mass")
+        row = kernel_level.measure_kernel(method, shape, device, backward, timing, ref_masses.get(shape))
+        book.add({**row, "wall_s": round(time.monotonic() - start, 1)}, where)
+
+
+def run_model_level(args, seq_lens: list, device: torch.device, book: Book) -> None:
     names = args.models or (model_level.CPU_MODELS if args.quick or device.type == "cpu"
                             else model_level.FULL_GPU_MODELS)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reps = 1 if args.quick else 3
+    reps = args.model_reps or (1 if args.quick else 3)
     methods = [model_level.MODEL_METHODS[name] for name in args.model_methods]
     for name in names:
-        for row in model_level.sweep_model(name, methods, seq_lens, device, dtype, reps):
-            _progress(row, f"model {name} N={row['seq_len']}")
-            rows.append(row)
-    return rows
+        start = time.monotonic()
+        for row in model_level.sweep_model(name, methods, seq_lens, device, dtype, reps, args.model_layers,
+                                           book.done, book.not_run):
+            book.add({**row, "wall_s": round(time.monotonic() - start, 1)}, f"model {name} N={row['seq_len']}")
+            start = time.monotonic()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _progress(row: dict, where: str) -> None:
@@ -94,22 +220,34 @@ def main(argv=None) -> dict:
     model_seq_lens = args.model_seq_lens or (model_level.QUICK_SEQ_LENS if args.quick else model_level.FULL_SEQ_LENS)
     if min(model_seq_lens) <= model_level.DEMO_LEN:
         raise ValueError(f"--model-seq-lens must exceed the demonstration length {model_level.DEMO_LEN}")
+    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = {
-        "mode": "quick" if args.quick else "full",
-        "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "mode": args.preset or ("quick" if args.quick else "full"),
+        "quick": args.quick,
+        "command": command,
+        "commands": [command],
         "environment": report.environment(device),
         "conventions": report.CONVENTIONS,
         "methods": {
             **{m.name: {"level": "kernel", "description": m.description, "computes_masses": m.computes_masses}
                for m in METHODS.values()},
-            **{f"model/{m.name}": {"level": "model", "description": m.description, "computes_masses": True}
+            **{f"model/{m.name}": {"level": "model", "description": m.description,
+                                   "computes_masses": m.computes_masses}
                for m in model_level.MODEL_METHODS.values()},
         },
-        "kernel": run_kernel_level(args, shapes, device, timing) if "kernel" in args.levels else [],
-        "model": run_model_level(args, model_seq_lens, device) if "model" in args.levels else [],
+        "kernel": [],
+        "model": [],
     }
     out_dir = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
-    written = report.write(results, out_dir)
+    book = Book(results, out_dir, device, args.budget_s, args.resume)
+    try:
+        if "kernel" in args.levels:
+            run_kernel_level(args, shapes, device, timing, book)
+        if "model" in args.levels:
+            run_model_level(args, model_seq_lens, device, book)
+    except ContextBroken as broken:
+        print(f"\nstopped: the CUDA context is broken after {broken}; rerun with --resume for the rest", flush=True)
+    written = report.write(results, out_dir, plots=args.plots)
     print()
     print(report.summary(results))
     print("\nwrote " + ", ".join(str(p) for p in written))
@@ -117,4 +255,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(EXIT_CONTEXT_BROKEN if main().get("context_broken") else 0)

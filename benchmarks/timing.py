@@ -11,6 +11,10 @@ from typing import Callable, Optional
 
 import torch
 
+# Exit status of `python -m benchmarks.run` when a call broke the CUDA context and the run stopped early:
+# rerun it with --resume (the broken method is not run again) to measure the rest.
+EXIT_CONTEXT_BROKEN = 3
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -99,6 +103,19 @@ def guarded(measure: Callable[[], dict], device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def cuda_context_error(device: torch.device) -> Optional[str]:
+    """Why the CUDA context can no longer run work (an illegal memory access and the like are sticky: every
+    later call fails too), or None when it still can. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as error:  # whatever the failure, the process cannot measure on this device any more
+        return error_summary(error)
+    return None
 
 
 def device_name(device: torch.device) -> str:

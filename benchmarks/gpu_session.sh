@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one prepared call of a GPU session (issue 11), from the repository root of a fresh GPU machine:
+#
+#   bash benchmarks/gpu_session.sh [--budget-s 480] [--rehearse]
+#
+# installs the package with the CUDA extension for sm_90, runs the CMake ctest, the headline benchmark sweep,
+# the kernel tests natively and the Llama-3-8B training step, each stage inside a time budget it prints, and
+# checks issue 11's goals. Writes at most 8 files to $OUT (default runs/gpu-session/), a short table last.
+# Without a GPU the GPU stages are skipped with the reason. See benchmarks/README.md, "GPU session".
+# Environment: OUT, PYTHON (default python3), ABFT_COMMIT (the commit, where the tree has no .git).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-runs/gpu-session}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+"${PYTHON:-python3}" -m benchmarks.gpu_session --out "$out" --python "${PYTHON:-python3}" "$@" 2>&1 | tee "$out/session.log"
+exit "${PIPESTATUS[0]}"
