@@ -482,6 +482,10 @@ def unsupported(args: LabelAttentionArgs) -> Optional[str]:
         return f"supports head dims up to {MAX_HEAD_DIM}, q has {q.shape[-1]}"
     if args.num_classes > MAX_NUM_CLASSES:
         return f"supports num_classes up to {MAX_NUM_CLASSES}, got num_classes={args.num_classes}"
+    if args.sinks is not None:
+        return "has no attention sinks yet (backend='torch' has)"
+    if args.v.shape[-1] != q.shape[-1]:
+        return f"needs v's head dim equal to q's yet, got D={q.shape[-1]} and Dv={args.v.shape[-1]}"
     return None
 
 
