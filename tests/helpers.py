@@ -62,14 +62,17 @@ def make_problem(batch=2, heads=4, kv_heads=2, seq_len=63, head_dim=16, num_clas
 RESULT_NAMES = ("out", "mass", "dq", "dk", "dv", "dsinks")
 
 
-def run_with_grads(problem: dict, backend: str, causal: bool = True, seed: int = 1):
+def run_with_grads(problem: dict, backend: str, causal: bool = True, seed: int = 1, sinks_constant=None):
     """Forward, then backward through a random linear function of (out, mass).
 
-    Returns out, mass, dq, dk, dv, dsinks (dsinks is None for a problem without sinks)."""
+    Returns out, mass, dq, dk, dv, dsinks (dsinks is None for a problem without sinks). sinks_constant: sinks
+    passed without requires_grad (the problem then has sinks=None)."""
     names = ("q", "k", "v", "sinks")
     leaves = {name: problem[name].detach().clone().requires_grad_(True) for name in names
               if problem.get(name) is not None}
     args = {**problem, **leaves}
+    if sinks_constant is not None:
+        args["sinks"] = sinks_constant
     out, mass = ak.label_attention(**args, causal=causal, backend=backend)
     gen = torch.Generator().manual_seed(seed)
     w_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)

@@ -22,7 +22,7 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.ops.label_attention import backends, extension as _extension
-from helpers import assert_matches_reference, make_problem, rel_err
+from helpers import assert_matches_reference, make_problem, rel_err, run_with_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -229,6 +229,16 @@ def test_cuda_backend_glue_with_sinks_and_value_head_dim(cuda_backend_with_stand
     problem = make_problem(heads=6, kv_heads=2, seq_len=seq_len, head_dim=head_dim, value_dim=value_dim,
                            num_classes=3, padding=padding, rows=rows, sinks=sinks, seed=seq_len)
     assert_matches_reference(problem, "cuda", causal=causal)
+
+
+def test_cuda_backend_glue_with_constant_sinks(cuda_backend_with_stand_in):
+    """Sinks that are constants (no requires_grad) still shape the gradients of q, k and v."""
+    problem = make_problem(heads=6, kv_heads=2, seq_len=21, head_dim=8, rows="repeated", padding="left", sinks=True)
+    got = run_with_grads({**problem, "sinks": None}, "cuda", sinks_constant=problem["sinks"])
+    want = run_with_grads({**problem, "sinks": None, **{n: problem[n].double() for n in "qkv"}}, "reference",
+                          sinks_constant=problem["sinks"])
+    for name, x, ref in zip(("out", "mass", "dq", "dk", "dv"), got, want):
+        assert rel_err(x, ref) < 1e-5, name
 
 
 def test_cuda_backend_unavailable_without_extension():

@@ -96,7 +96,7 @@ class CUDARowMassFunction(torch.autograd.Function):
             q, k, args.query_rows, args.key_class, args.key_padding_mask, grad_mass, mass, lse, args.causal,
             args.scale)
         grad_sinks = None
-        if sink is not None:
+        if ctx.needs_input_grad[2]:
             grad_sinks = -(torch.exp(sink - lse) * (grad_mass * mass).sum(-1)).sum((0, 2)).to(ctx.sinks_dtype)
         return _sum_slot_grads(grad_q_rows, args.query_rows, q), grad_k, grad_sinks, None
 
