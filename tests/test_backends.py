@@ -27,6 +27,7 @@ def test_explicit_backend_is_requested():
 @pytest.mark.parametrize("change,reason", [
     (dict(num_classes=65), "num_classes up to 64"),
     (dict(head_dim=264), "head dims up to 256"),
+    (dict(value_dim=264), "head dims up to 256, v has 264"),
     (dict(dtype=torch.float64), "float16, bfloat16 or float32"),
 ])
 def test_auto_falls_back_when_the_first_choice_cannot(monkeypatch, change, reason):
@@ -41,9 +42,10 @@ def test_auto_falls_back_when_the_first_choice_cannot(monkeypatch, change, reaso
 
 
 @needs_triton
-def test_auto_takes_the_first_candidate_that_can(monkeypatch):
+@pytest.mark.parametrize("change", [{}, dict(sinks=True), dict(value_dim=24, sinks=True)])
+def test_auto_takes_the_first_candidate_that_can(monkeypatch, change):
     monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
-    assert ak.resolve_backend(**make_problem(seq_len=4)).name == "triton"
+    assert ak.resolve_backend(**make_problem(seq_len=4, **change)).name == "triton"
 
 
 def test_auto_raises_when_no_candidate_can(monkeypatch):

@@ -22,7 +22,7 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.ops.label_attention import backends, extension as _extension
-from helpers import assert_matches_reference, make_problem, rel_err
+from helpers import assert_matches_reference, make_problem, rel_err, run_with_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -157,11 +157,13 @@ def test_cpp_reference_matches_reference(cpp_reference, causal, padding, rows):
 # stand-in for abft_kernels._C that keeps the contract of csrc/row_mass.h.
 
 class TorchRowMassExtension:
+    """The contract of csrc/row_mass.h in float64 PyTorch; like the kernels, the backward recomputes the row's
+    probabilities from the lse it is given (cuda_backend passes the lse with the sink when there are sinks)."""
     MAX_NUM_CLASSES = 64
     SUPPORTED_HEAD_DIMS = (8,)
 
     @staticmethod
-    def _probs(q, k, rows, key_class, mask, causal, scale):
+    def _scores(q, k, rows, key_class, mask, causal, scale):
         batch, heads, seq_len, head_dim = q.shape
         keys = k.double().repeat_interleave(heads // k.shape[1], dim=1)
         q_rows = q.double().gather(2, rows.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, head_dim))
@@ -169,17 +171,18 @@ class TorchRowMassExtension:
         if mask is not None:
             visible = visible & mask[:, None, :]
         scores = (scale * q_rows @ keys.transpose(-1, -2)).masked_fill(~visible[:, None], float("-inf"))
-        lse = scores.logsumexp(-1)
-        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
         one_hot = (key_class[:, :, None] == torch.arange(TorchRowMassExtension.MAX_NUM_CLASSES)).double()[:, None]
-        return keys, q_rows, probs, lse, one_hot
+        return keys, q_rows, scores, one_hot
 
     def row_mass_forward(self, q, k, rows, key_class, mask, num_classes, causal, scale):
-        _, _, probs, lse, one_hot = self._probs(q, k, rows, key_class, mask, causal, scale)
+        _, _, scores, one_hot = self._scores(q, k, rows, key_class, mask, causal, scale)
+        lse = scores.logsumexp(-1)  # -inf for empty slots and rows that see no key
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
         return (probs @ one_hot[..., :num_classes]).float(), lse.float()
 
     def row_mass_backward(self, q, k, rows, key_class, mask, grad_mass, mass, lse, causal, scale):
-        keys, q_rows, probs, _, one_hot = self._probs(q, k, rows, key_class, mask, causal, scale)
+        keys, q_rows, scores, one_hot = self._scores(q, k, rows, key_class, mask, causal, scale)
+        probs = torch.exp(scores - lse.double()[..., None]).nan_to_num(0.0)
         grad = grad_mass.double()
         grad_scores = probs * (grad @ one_hot[..., :grad.shape[-1]].transpose(-1, -2)
                                - (grad * mass.double()).sum(-1, keepdim=True))
@@ -212,6 +215,30 @@ def test_cuda_backend_glue_matches_reference(cuda_backend_with_stand_in, rows, p
     if rows == "repeated":
         problem["query_rows"] = torch.tensor([[20, 20, -1, 3, 20], [7, 0, 7, 7, -1]])
     assert_matches_reference(problem, "cuda", causal=causal)
+
+
+@pytest.mark.parametrize("sinks,head_dim,value_dim", [(True, 8, None), (False, 8, 24), (True, 24, 16)],
+                         ids=["sinks", "D8-Dv24", "sinks-D24-Dv16"])
+@pytest.mark.parametrize("rows,padding,causal", [("last", "none", True), ("repeated", "left", True),
+                                                 ("edges", "right", False), ("all", "left", False)])
+@pytest.mark.parametrize("seq_len", [1, 63])
+def test_cuda_backend_glue_with_sinks_and_value_head_dim(cuda_backend_with_stand_in, sinks, head_dim, value_dim, rows,
+                                                         padding, causal, seq_len):
+    """Sinks: the kernels' masses rescaled by sigmoid(lse - sink) and their backward given mass' and lse' (see
+    cuda_backend) match the reference, and so does the sinks' gradient. Dv != D: only SDPA reads v."""
+    problem = make_problem(heads=6, kv_heads=2, seq_len=seq_len, head_dim=head_dim, value_dim=value_dim,
+                           num_classes=3, padding=padding, rows=rows, sinks=sinks, seed=seq_len)
+    assert_matches_reference(problem, "cuda", causal=causal)
+
+
+def test_cuda_backend_glue_with_constant_sinks(cuda_backend_with_stand_in):
+    """Sinks that are constants (no requires_grad) still shape the gradients of q, k and v."""
+    problem = make_problem(heads=6, kv_heads=2, seq_len=21, head_dim=8, rows="repeated", padding="left", sinks=True)
+    got = run_with_grads({**problem, "sinks": None}, "cuda", sinks_constant=problem["sinks"])
+    want = run_with_grads({**problem, "sinks": None, **{n: problem[n].double() for n in "qkv"}}, "reference",
+                          sinks_constant=problem["sinks"])
+    for name, x, ref in zip(("out", "mass", "dq", "dk", "dv"), got, want):
+        assert rel_err(x, ref) < 1e-5, name
 
 
 def test_cuda_backend_unavailable_without_extension():

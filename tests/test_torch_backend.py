@@ -1,9 +1,9 @@
-"""Backend "torch" against the reference: outputs, masses and gradients of q, k, v (fp32, rel err < 1e-5)."""
+"""Backend "torch" against the reference: outputs, masses and gradients of q, k, v and sinks (fp32, rel err < 1e-5)."""
 import pytest
 import torch
 
 import abft_kernels as ak
-from helpers import assert_matches_reference, make_problem, rel_err
+from helpers import RESULT_NAMES, assert_matches_reference, make_problem, reference_problem, rel_err, run_with_grads
 
 
 @pytest.mark.parametrize("seq_len", [1, 7, 63, 130])
@@ -28,6 +28,50 @@ def test_padding_rows_and_causality(padding, rows, causal):
 def test_num_classes(num_classes):
     problem = make_problem(seq_len=40, num_classes=num_classes, rows="random", padding="left", seed=num_classes)
     assert_matches_reference(problem, "torch")
+
+
+# Attention sinks (gpt-oss) and a value head dim of its own (DeepSeek's multi-head latent attention), apart and together.
+SINKS_AND_VALUE_DIMS = [(True, 16, None), (False, 16, 24), (False, 24, 16), (True, 24, 16)]
+SINKS_AND_VALUE_DIMS_IDS = ["sinks", "D16-Dv24", "D24-Dv16", "sinks-D24-Dv16"]
+
+
+@pytest.mark.parametrize("sinks,head_dim,value_dim", SINKS_AND_VALUE_DIMS, ids=SINKS_AND_VALUE_DIMS_IDS)
+@pytest.mark.parametrize("seq_len", [1, 63, 130])
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_sinks_and_value_head_dim(sinks, head_dim, value_dim, seq_len, rows):
+    problem = make_problem(heads=8, kv_heads=2, seq_len=seq_len, head_dim=head_dim, value_dim=value_dim, rows=rows,
+                           sinks=sinks, seed=seq_len)
+    assert_matches_reference(problem, "torch")
+
+
+@pytest.mark.parametrize("sinks,head_dim,value_dim", SINKS_AND_VALUE_DIMS, ids=SINKS_AND_VALUE_DIMS_IDS)
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("rows", ["edges", "repeated", "all"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sinks_and_value_head_dim_with_padding(sinks, head_dim, value_dim, padding, rows, causal):
+    problem = make_problem(heads=4, kv_heads=1, seq_len=37, head_dim=head_dim, value_dim=value_dim, padding=padding,
+                           rows=rows, sinks=sinks, seed=4)
+    assert_matches_reference(problem, "torch", causal=causal)
+
+
+def test_sinks_of_another_float_dtype_get_their_gradient_in_it():
+    problem = make_problem(seq_len=20, rows="random", sinks=True, sinks_dtype=torch.float64)
+    assert_matches_reference(problem, "torch")
+    assert run_with_grads(problem, "torch")[-1].dtype == torch.float64
+
+
+@pytest.mark.parametrize("rows,sinks_dtype", [("last", torch.float32), ("all", torch.bfloat16)])
+def test_sinks_in_half_precision_close_to_reference(rows, sinks_dtype):
+    """bf16 within 1e-2, except the sinks' gradient within 3e-2: it is a sum over B·N rows of terms of both signs,
+    each rounded by SDPA's bf16 backward, so it can cancel down (seed 0: 1.9e-2 measured; fp32 on the same inputs:
+    3.5e-7). The masses are computed in fp32, and so is the sink's logit (sink_key's hi + lo): within 1e-4."""
+    problem = make_problem(seq_len=50, rows=rows, padding="left", dtype=torch.bfloat16, sinks=True,
+                           sinks_dtype=sinks_dtype)
+    got = run_with_grads(problem, "torch")
+    want = run_with_grads(reference_problem(problem), "reference")
+    assert got[0].dtype == torch.bfloat16 and got[-1].dtype == sinks_dtype
+    for name, x, ref in zip(RESULT_NAMES, got, want):
+        assert rel_err(x, ref) < {"dsinks": 3e-2, "mass": 1e-4}.get(name, 1e-2), name
 
 
 def test_fully_padded_rows_are_zero_not_nan():

@@ -32,6 +32,14 @@ BAD_INPUTS = [
     (dict(scale=-1.0), "scale"),
     (dict(backend="flash"), "backend"),
     (dict(key_class=torch.zeros(2, 8, dtype=torch.long, device="meta")), "device"),
+    (dict(v=torch.randn(2, 2, 8, 0)), "v must have a non-empty head dim Dv"),
+    (dict(sinks=torch.randn(2)), r"sinks must have shape \[Hq=4\]"),
+    (dict(sinks=torch.randn(1, 4)), r"sinks must have shape \[Hq=4\]"),
+    (dict(sinks=[0.0] * 4), "sinks must be a torch.Tensor"),
+    (dict(sinks=torch.zeros(4, dtype=torch.long)), "sinks must be a float tensor"),
+    (dict(sinks=torch.tensor([0.0, float("inf"), 1.0, 2.0])), "sinks must be finite"),
+    (dict(sinks=torch.tensor([0.0, float("nan"), 1.0, 2.0])), "sinks must be finite"),
+    (dict(sinks=torch.zeros(4, device="meta")), "sinks is on meta"),
 ]
 
 
@@ -41,3 +49,10 @@ def test_bad_input_raises_value_error(bad, match, backend):
     kwargs = {**good(), "backend": backend, **bad}
     with pytest.raises(ValueError, match=match):
         ak.label_attention(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_value_head_dim_of_its_own_is_accepted(backend):
+    """v [B, Hkv, N, Dv] with Dv != D (DeepSeek's multi-head latent attention): out is [B, Hq, N, Dv]."""
+    out, _ = ak.label_attention(**{**good(), "v": torch.randn(2, 2, 8, 7)}, backend=backend)
+    assert out.shape == (2, 4, 8, 7)

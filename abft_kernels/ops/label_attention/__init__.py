@@ -7,7 +7,8 @@ backend with the same three members (NAME, unsupported, label_attention):
 * reference_backend: the float64 oracle that materialises P (tests);
 * torch_backend: torch SDPA for the output plus an exact, memory-light recompute of the masses (row_mass_torch);
 * triton_backend: the fused Triton kernel (forward and backward);
-* cuda_backend: torch SDPA plus the compiled row-mass kernels of csrc/ (extension loads abft_kernels._C).
+* cuda_backend: torch SDPA plus the compiled row-mass kernels of csrc/ (extension loads abft_kernels._C);
+* sink_key: attention sinks for the SDPA-based paths (torch, cuda) as one more, virtual key.
 """
 from .backends import BACKENDS, AUTO_ORDER, BackendChoice, backend_available, backend_status
 from .extension import cuda_extension_available, cuda_extension_status

@@ -6,13 +6,18 @@ from .validation import validate_label_attention_args
 
 
 def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,
-                    key_padding_mask=None, backend="auto"):
+                    key_padding_mask=None, backend="auto", sinks=None):
     """Attention output and the attention mass on each label class, without forming the N x N scores.
 
     For every query row i of every head, with S = scale·q·kᵀ (+ the mask) and P = softmax(S) over the keys i sees::
 
         out[i]     = sum_j P[i, j] · v[j]                      (ordinary attention)
         mass[i, c] = sum_{j : key_class[j] == c} P[i, j]        (design.md §2: mass = P · onehot(key_class))
+
+    With attention sinks (gpt-oss's s_aux), head h's softmax has one more logit sinks[h] in its denominator that
+    no value and no class receives, so the row's probabilities sum to less than 1::
+
+        P[i, j] = exp(S[i, j]) / (exp(sinks[h]) + sum_j' exp(S[i, j']))
 
     Which keys row i sees (x = visible, . = masked), N = 4, row 1 of sample 0 selected by query_rows::
 
@@ -28,7 +33,7 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
         q: float16/bfloat16/float32/float64 [B, Hq, N, D], the queries.
         k: [B, Hkv, N, D] in q's dtype; Hq must be a multiple of Hkv (GQA: query head h reads key head
             h // (Hq / Hkv)).
-        v: [B, Hkv, N, D] in q's dtype.
+        v: [B, Hkv, N, Dv] in q's dtype; Dv may differ from D (DeepSeek's multi-head latent attention).
         key_class: integer [B, N]: the class of each key position, -1 for a token that is not a label, else
             0 .. num_classes - 1.
         num_classes: int >= 1, C.
@@ -41,26 +46,32 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
             seen by no row; padding rows see what their position allows and are usually ignored by the caller.
         backend: "auto" (default), "reference", "torch", "triton" or "cuda"; see resolve_backend and
             abft_kernels.ops.label_attention.backends for what each takes.
+        sinks: float [Hq] (any float dtype, on q's device, finite) or None (default: no sink). One extra logit
+            per query head in every row's softmax denominator (see above); computed in fp32 (fp64 by "reference"),
+            and differentiable: dL/dsinks[h] = -sum over batch and rows of P_sink[i] · Delta[i], with
+            P_sink[i] = exp(sinks[h]) / (exp(sinks[h]) + sum_j exp(S[i, j])) and
+            Delta[i] = sum_d dO[i, d]·out[i, d] + sum_c dmass[i, c]·mass[i, c].
 
     Returns:
-        out: [B, Hq, N, D] in q's dtype.
+        out: [B, Hq, N, Dv] in q's dtype.
         mass: float32 [B, Hq, R, C]: mass[b, h, r, c] is the probability that row query_rows[b, r] of head h puts
             on keys of class c. Rows that see no key and empty slots give zeros. Differentiable w.r.t. q and k
-            (and out w.r.t. q, k, v) on every backend.
+            and sinks (and out w.r.t. q, k, v and sinks) on every backend.
 
     Raises:
         ValueError: an argument of the wrong type, rank, shape, dtype or device (the message names it); class ids
-            outside [-1, C) or rows outside [-1, N); an unknown backend; a backend that is unavailable here or
-            cannot take these arguments (its reason is given; "auto" only raises when none can).
+            outside [-1, C) or rows outside [-1, N); sinks that are not a finite float [Hq]; an unknown backend; a
+            backend that is unavailable here or cannot take these arguments (its reason is given; "auto" only
+            raises when none can).
     """
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
-                                         key_padding_mask)
+                                         key_padding_mask, sinks)
     module, _ = choose_backend(backend, args)
     return module.label_attention(args)
 
 
 def resolve_backend(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,
-                    key_padding_mask=None, backend="auto") -> BackendChoice:
+                    key_padding_mask=None, backend="auto", sinks=None) -> BackendChoice:
     """The backend that label_attention would run these arguments on, and why (nothing is computed).
 
     Args: as label_attention.
@@ -73,5 +84,5 @@ def resolve_backend(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
         ValueError: as label_attention.
     """
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
-                                         key_padding_mask)
+                                         key_padding_mask, sinks)
     return choose_backend(backend, args)[1]

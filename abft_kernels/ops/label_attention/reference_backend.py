@@ -1,4 +1,8 @@
-"""The oracle: materialises every N x N attention matrix in float64. For tests only (O(B·H·N²) memory)."""
+"""The oracle: materialises every N x N attention matrix in float64. For tests only (O(B·H·N²) memory).
+
+Attention sinks are one more column of the float64 scores, seen by every row, whose probability is dropped after
+the softmax: no value and no class receives it. v may have its own head dim Dv.
+"""
 from __future__ import annotations
 
 import torch
@@ -10,7 +14,7 @@ NAME = "reference"
 
 
 def unsupported(args: LabelAttentionArgs):
-    """Takes every valid call (float64 compute, any device)."""
+    """Takes every valid call (float64 compute, any device, sinks, any Dv)."""
     return None
 
 
@@ -26,7 +30,14 @@ def label_attention(args: LabelAttentionArgs):
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    probs = masked_softmax(args.scale * q @ k.transpose(-1, -2), row_key_visibility(args, all_rows(args))[:, None])
+    scores = args.scale * q @ k.transpose(-1, -2)
+    visible = row_key_visibility(args, all_rows(args))[:, None].expand(scores.shape)
+    if args.sinks is not None:  # column N: the sink, seen by every row
+        batch, num_heads, seq_len, _ = scores.shape
+        sink_column = args.sinks.double()[None, :, None, None].expand(batch, num_heads, seq_len, 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
+        visible = torch.cat([visible, visible.new_ones(batch, num_heads, seq_len, 1)], dim=-1)
+    probs = masked_softmax(scores, visible)[..., :k.shape[2]]
     out = (probs @ v).to(args.q.dtype)
     mass = probs @ label_one_hot(args.key_class, args.num_classes, torch.float64)[:, None]  # [B, Hq, N, C]
     if args.query_rows is not None:

@@ -15,6 +15,17 @@ the slots to [B, Hq, R, C]; autograd of that gather sums the gradients of repeat
 Keys are described by one int32 code per (batch, position): the class id, -1 for a real key without
 a label, NOT_A_KEY (-2) for padding. Out-of-range positions load as NOT_A_KEY, so one mask covers
 padding and the ragged last block.
+
+v may have its own head dim Dv (multi-head latent attention): v, out, dO and dV tiles are BLOCK_DV wide,
+q, k, dQ and dK tiles BLOCK_D.
+
+Attention sinks (gpt-oss): one more logit per query head in every row's denominator that no value and
+no class receives. The forward starts each row's online softmax with it, running max = sink and running
+sum = 1 (in base-2 units) instead of -inf and 0, so out, mass and the saved lse_log2 are those of the
+softmax with the sink; rows that see no key give out = mass = 0 and lse_log2 = sink. The backward
+kernels need no change: P recomputed from that lse is the probability with the sink, and the sink's dP is
+0, so dS, dQ, dK, dV and Delta keep their form. The sink's gradient, dL/dsink = -sum over batch and rows of
+P_sink·Delta with P_sink = exp2(sink_log2 - lse_log2), is O(B·H·N) in PyTorch after the kernels.
 """
 from __future__ import annotations
 
@@ -81,10 +92,10 @@ def _autotune(kind: str):
              for bucket, candidates in _GPU_CANDIDATES[kind].items()}
 
     def for_head_dim(configs, named_args, **kwargs):
-        return table[_head_dim_bucket(kwargs["BLOCK_D"])]
+        return table[_head_dim_bucket(max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]))]
 
     all_configs = [config for configs in table.values() for config in configs]
-    return triton.autotune(configs=all_configs, key=["BLOCK_D", "CAUSAL", "DOT_FP32"],
+    return triton.autotune(configs=all_configs, key=["BLOCK_D", "BLOCK_DV", "CAUSAL", "DOT_FP32"],
                            prune_configs_by={"early_config_prune": for_head_dim})
 
 
@@ -173,12 +184,12 @@ def _grad_scores(p, do, v, delta, grad_mass_rows, key_code, classes, block_has_m
 @_autotune("forward")
 @triton.jit
 def label_attention_forward_kernel(
-    Q, K, V, KeyCode, RowSlot, Out, LseLog2, Mass,
+    Q, K, V, KeyCode, RowSlot, SinksLog2, Out, LseLog2, Mass,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    num_q_heads, group_size, seq_len, head_dim, num_slots, num_classes, scale_log2,
-    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    num_q_heads, group_size, seq_len, head_dim, value_dim, num_slots, num_classes, scale_log2,
+    CAUSAL: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row_block, batch_head = tl.program_id(0), tl.program_id(1)
     batch, head = batch_head // num_q_heads, batch_head % num_q_heads
@@ -190,6 +201,7 @@ def label_attention_forward_kernel(
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    dims_v = tl.arange(0, BLOCK_DV)
     classes = tl.arange(0, BLOCK_C)
     q = _load_tile(Q + batch64 * stride_qb + head64 * stride_qh, rows, dims, stride_qn, seq_len, head_dim)
     slots = tl.load(RowSlot + batch64 * seq_len + rows, mask=rows < seq_len, other=-1)
@@ -197,13 +209,16 @@ def label_attention_forward_kernel(
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_SINKS:  # the sink is one more logit of every row: it starts the running max and sum
+        row_max = tl.zeros([BLOCK_M], tl.float32) + tl.load(SinksLog2 + head)
+        row_sum = tl.full([BLOCK_M], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     mass_acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for key_start in range(0, _key_block_end(row_block * BLOCK_M, seq_len, BLOCK_M, CAUSAL), BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
         key_code = tl.load(KeyCode + keys, mask=keys < seq_len, other=NOT_A_KEY)
         k = _load_tile(K, keys, dims, stride_kn, seq_len, head_dim)
-        v = _load_tile(V, keys, dims, stride_vn, seq_len, head_dim)
+        v = _load_tile(V, keys, dims_v, stride_vn, seq_len, value_dim)
         scores = _dot(q, tl.trans(k), DOT_FP32) * scale_log2
         scores = tl.where(_visible(rows, keys, key_code, seq_len, CAUSAL), scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -217,10 +232,11 @@ def label_attention_forward_kernel(
             mass_acc = mass_acc * alpha[:, None] + _dot(p, _one_hot(key_code, classes), True)
         row_max = new_max
 
-    # Rows that see no key (row_sum == 0) give out = 0, mass = 0 and lse_log2 = +inf (P = 0 in backward).
+    # Rows that see no key (row_sum == 0) give out = 0, mass = 0 and lse_log2 = +inf (P = 0 in backward); with a
+    # sink they have row_sum = 1 and lse_log2 = sink, and out = mass = 0 as well.
     safe_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     out = acc / safe_sum[:, None]
-    _store_tile(Out + batch64 * stride_ob + head64 * stride_oh, out, rows, dims, stride_on, seq_len, head_dim)
+    _store_tile(Out + batch64 * stride_ob + head64 * stride_oh, out, rows, dims_v, stride_on, seq_len, value_dim)
     lse_log2 = tl.where(row_sum == 0.0, float("inf"), row_max + tl.log2(safe_sum))
     tl.store(LseLog2 + batch_head.to(tl.int64) * seq_len + rows, lse_log2, mask=rows < seq_len)
     if block_has_mass:
@@ -233,9 +249,9 @@ def label_attention_forward_kernel(
 def label_attention_backward_delta_kernel(
     Out, GradOut, Mass, GradMass, RowSlot, Delta,
     stride_ob, stride_oh, stride_on, stride_gb, stride_gh, stride_gn,
-    num_q_heads, seq_len, head_dim, num_slots, num_classes,
+    num_q_heads, seq_len, value_dim, num_slots, num_classes,
     HAS_OUT_GRAD: tl.constexpr, HAS_MASS_GRAD: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Delta[row] = rowsum(dO * O) + sum_c G[row, c] * mass[row, c]."""
     row_block, batch_head = tl.program_id(0), tl.program_id(1)
@@ -243,11 +259,11 @@ def label_attention_backward_delta_kernel(
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     delta = tl.zeros([BLOCK_M], tl.float32)
     if HAS_OUT_GRAD:
-        dims = tl.arange(0, BLOCK_D)
+        dims_v = tl.arange(0, BLOCK_DV)
         out = _load_tile(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
-                         rows, dims, stride_on, seq_len, head_dim)
+                         rows, dims_v, stride_on, seq_len, value_dim)
         grad_out = _load_tile(GradOut + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh,
-                              rows, dims, stride_gn, seq_len, head_dim)
+                              rows, dims_v, stride_gn, seq_len, value_dim)
         delta += tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     if HAS_MASS_GRAD:
         classes = tl.arange(0, BLOCK_C)
@@ -265,9 +281,10 @@ def label_attention_backward_dkdv_kernel(
     Q, K, V, GradOut, KeyCode, RowSlot, LseLog2, Delta, GradMass, GradK, GradV,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    num_kv_heads, group_size, seq_len, head_dim, num_slots, num_classes, scale, scale_log2,
+    num_kv_heads, group_size, seq_len, head_dim, value_dim, num_slots, num_classes, scale, scale_log2,
     CAUSAL: tl.constexpr, HAS_OUT_GRAD: tl.constexpr, HAS_MASS_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head. The program loops over every query head of the GQA group
     and every query block that sees these keys, so each dK/dV element is written once: no atomics."""
@@ -276,13 +293,14 @@ def label_attention_backward_dkdv_kernel(
     batch64, kv_head64 = batch.to(tl.int64), kv_head.to(tl.int64)
     keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
+    dims_v = tl.arange(0, BLOCK_DV)
     classes = tl.arange(0, BLOCK_C)
     key_code = tl.load(KeyCode + batch64 * seq_len + keys, mask=keys < seq_len, other=NOT_A_KEY)
     k = _load_tile(K + batch64 * stride_kb + kv_head64 * stride_kh, keys, dims, stride_kn, seq_len, head_dim)
-    v = _load_tile(V + batch64 * stride_vb + kv_head64 * stride_vh, keys, dims, stride_vn, seq_len, head_dim)
+    v = _load_tile(V + batch64 * stride_vb + kv_head64 * stride_vh, keys, dims_v, stride_vn, seq_len, value_dim)
 
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    grad_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # Under causality only query blocks at or after this key block see it.
     first_row = (key_block * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for group_member in range(group_size):
@@ -295,10 +313,10 @@ def label_attention_backward_dkdv_kernel(
             lse_log2 = tl.load(LseLog2 + batch_head * seq_len + rows, mask=rows < seq_len, other=float("inf"))
             delta = tl.load(Delta + batch_head * seq_len + rows, mask=rows < seq_len, other=0.0)
             p = _probs(q, k, lse_log2, rows, keys, key_code, seq_len, scale_log2, CAUSAL, DOT_FP32)
-            do = tl.zeros([BLOCK_M, BLOCK_D], q.dtype)
+            do = tl.zeros([BLOCK_M, BLOCK_DV], q.dtype)
             if HAS_OUT_GRAD:
-                do = _load_tile(GradOut + batch64 * stride_gb + head64 * stride_gh, rows, dims, stride_gn, seq_len,
-                                head_dim)
+                do = _load_tile(GradOut + batch64 * stride_gb + head64 * stride_gh, rows, dims_v, stride_gn,
+                                seq_len, value_dim)
                 grad_v += _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32)
             grad_mass_rows = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
             block_has_mass = False
@@ -314,8 +332,8 @@ def label_attention_backward_dkdv_kernel(
     _store_tile(GradK + batch64 * stride_dkb + kv_head64 * stride_dkh, grad_k * scale, keys, dims, stride_dkn,
                 seq_len, head_dim)
     if HAS_OUT_GRAD:
-        _store_tile(GradV + batch64 * stride_dvb + kv_head64 * stride_dvh, grad_v, keys, dims, stride_dvn,
-                    seq_len, head_dim)
+        _store_tile(GradV + batch64 * stride_dvb + kv_head64 * stride_dvh, grad_v, keys, dims_v, stride_dvn,
+                    seq_len, value_dim)
 
 
 @_autotune("backward")
@@ -324,9 +342,10 @@ def label_attention_backward_dq_kernel(
     Q, K, V, GradOut, KeyCode, RowSlot, LseLog2, Delta, GradMass, GradQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn, stride_dqb, stride_dqh, stride_dqn,
-    num_q_heads, group_size, seq_len, head_dim, num_slots, num_classes, scale, scale_log2,
+    num_q_heads, group_size, seq_len, head_dim, value_dim, num_slots, num_classes, scale, scale_log2,
     CAUSAL: tl.constexpr, HAS_OUT_GRAD: tl.constexpr, HAS_MASS_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one query head, looping over the key blocks it sees."""
     row_block, batch_head = tl.program_id(0), tl.program_id(1)
@@ -340,13 +359,15 @@ def label_attention_backward_dq_kernel(
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    dims_v = tl.arange(0, BLOCK_DV)
     classes = tl.arange(0, BLOCK_C)
     q = _load_tile(Q + batch64 * stride_qb + head64 * stride_qh, rows, dims, stride_qn, seq_len, head_dim)
     lse_log2 = tl.load(LseLog2 + batch_head64 * seq_len + rows, mask=rows < seq_len, other=float("inf"))
     delta = tl.load(Delta + batch_head64 * seq_len + rows, mask=rows < seq_len, other=0.0)
-    do = tl.zeros([BLOCK_M, BLOCK_D], q.dtype)
+    do = tl.zeros([BLOCK_M, BLOCK_DV], q.dtype)
     if HAS_OUT_GRAD:
-        do = _load_tile(GradOut + batch64 * stride_gb + head64 * stride_gh, rows, dims, stride_gn, seq_len, head_dim)
+        do = _load_tile(GradOut + batch64 * stride_gb + head64 * stride_gh, rows, dims_v, stride_gn, seq_len,
+                        value_dim)
     grad_mass_rows = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     block_has_mass = False
     if HAS_MASS_GRAD:
@@ -360,7 +381,7 @@ def label_attention_backward_dq_kernel(
         keys = key_start + tl.arange(0, BLOCK_N)
         key_code = tl.load(KeyCode + keys, mask=keys < seq_len, other=NOT_A_KEY)
         k = _load_tile(K, keys, dims, stride_kn, seq_len, head_dim)
-        v = _load_tile(V, keys, dims, stride_vn, seq_len, head_dim)
+        v = _load_tile(V, keys, dims_v, stride_vn, seq_len, value_dim)
         p = _probs(q, k, lse_log2, rows, keys, key_code, seq_len, scale_log2, CAUSAL, DOT_FP32)
         ds = _grad_scores(p, do, v, delta, grad_mass_rows, key_code, classes, block_has_mass,
                           HAS_OUT_GRAD, HAS_MASS_GRAD, DOT_FP32)
@@ -384,9 +405,10 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _block_sizes(head_dim: int, num_classes: int) -> dict:
+def _block_sizes(head_dim: int, value_dim: int, num_classes: int) -> dict:
     # tl.dot needs every dim >= 16; head dims like 80 or 96 are padded to a power of two and masked.
     return dict(BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)),
                 BLOCK_C=max(16, triton.next_power_of_2(num_classes)))
 
 
@@ -394,25 +416,28 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return _INTERPRET or dtype == torch.float32
 
 
-def _forward(q, k, v, key_code, row_slot, num_slots, num_classes, causal, scale):
+def _forward(q, k, v, sinks_log2, key_code, row_slot, num_slots, num_classes, causal, scale):
     batch, num_q_heads, seq_len, head_dim = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    value_dim = v.shape[-1]
+    out = torch.empty((batch, num_q_heads, seq_len, value_dim), dtype=q.dtype, device=q.device)
     lse_log2 = torch.empty((batch, num_q_heads, seq_len), dtype=torch.float32, device=q.device)
     # Zeros: slots that no row maps to (empty or repeated query_rows entries) read back as mass 0.
     mass = torch.zeros((batch, num_q_heads, num_slots, num_classes), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
     label_attention_forward_kernel[grid](
-        q, k, v, key_code, row_slot, out, lse_log2, mass,
+        q, k, v, key_code, row_slot, sinks_log2, out, lse_log2, mass,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        num_q_heads, num_q_heads // k.shape[1], seq_len, head_dim, num_slots, num_classes, scale * LOG2E,
-        CAUSAL=causal, DOT_FP32=_dot_fp32(q.dtype), **_block_sizes(head_dim, num_classes),
+        num_q_heads, num_q_heads // k.shape[1], seq_len, head_dim, value_dim, num_slots, num_classes,
+        scale * LOG2E, CAUSAL=causal, HAS_SINKS=sinks_log2 is not None, DOT_FP32=_dot_fp32(q.dtype),
+        **_block_sizes(head_dim, value_dim, num_classes),
     )
     return out, lse_log2, mass
 
 
 def _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, num_classes, causal, scale, grad_out, grad_mass):
+    """(dq, dk, dv or None, Delta float32 [B, Hq, N])."""
     batch, num_q_heads, seq_len, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    num_kv_heads, value_dim = k.shape[1], v.shape[-1]
     num_slots = mass.shape[2]
     has_out_grad, has_mass_grad = grad_out is not None, grad_mass is not None
     if has_out_grad:
@@ -420,13 +445,14 @@ def _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, num_classes, cau
     if has_mass_grad:
         grad_mass = grad_mass.contiguous()
     grad_out_strides = _strides(grad_out) if has_out_grad else (0, 0, 0)
-    blocks = _block_sizes(head_dim, num_classes)
+    blocks = _block_sizes(head_dim, value_dim, num_classes)
     flags = dict(HAS_OUT_GRAD=has_out_grad, HAS_MASS_GRAD=has_mass_grad)
 
     delta = torch.empty_like(lse_log2)
     label_attention_backward_delta_kernel[(triton.cdiv(seq_len, _DELTA_BLOCK_M), batch * num_q_heads)](
         out, grad_out, mass, grad_mass, row_slot, delta, *_strides(out), *grad_out_strides,
-        num_q_heads, seq_len, head_dim, num_slots, num_classes, **flags, **blocks, BLOCK_M=_DELTA_BLOCK_M,
+        num_q_heads, seq_len, value_dim, num_slots, num_classes, **flags, BLOCK_DV=blocks["BLOCK_DV"],
+        BLOCK_C=blocks["BLOCK_C"], BLOCK_M=_DELTA_BLOCK_M,
     )
 
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -438,40 +464,50 @@ def _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, num_classes, cau
         q, k, v, grad_out, key_code, row_slot, lse_log2, delta, grad_mass, grad_k, grad_v,
         *_strides(q), *_strides(k), *_strides(v), *grad_out_strides, *_strides(grad_k),
         *(_strides(grad_v) if has_out_grad else (0, 0, 0)),
-        num_kv_heads, group_size, seq_len, head_dim, num_slots, num_classes, scale, scale * LOG2E, **common,
+        num_kv_heads, group_size, seq_len, head_dim, value_dim, num_slots, num_classes, scale, scale * LOG2E,
+        **common,
     )
     label_attention_backward_dq_kernel[lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)](
         q, k, v, grad_out, key_code, row_slot, lse_log2, delta, grad_mass, grad_q,
         *_strides(q), *_strides(k), *_strides(v), *grad_out_strides, *_strides(grad_q),
-        num_q_heads, group_size, seq_len, head_dim, num_slots, num_classes, scale, scale * LOG2E, **common,
+        num_q_heads, group_size, seq_len, head_dim, value_dim, num_slots, num_classes, scale, scale * LOG2E,
+        **common,
     )
-    return grad_q, grad_k, grad_v
+    return grad_q, grad_k, grad_v, delta
 
 
 class TritonLabelAttentionFunction(torch.autograd.Function):
-    """(q, k, v) -> (out [B,Hq,N,D], mass of every slot [B,Hq,S,C]). Saves q, k, v, out, lse_log2, mass and the
-    int32 key/row metadata: O(N) per head. A missing output gradient skips its share of the backward."""
+    """(q, k, v, sinks or None) -> (out [B,Hq,N,Dv], mass of every slot [B,Hq,S,C]). Saves q, k, v, out, lse_log2,
+    mass, the sinks and the int32 key/row metadata: O(N) per head. A missing output gradient skips its share of the
+    backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_code, row_slot, num_slots, num_classes, causal, scale):
-        out, lse_log2, mass = _forward(q, k, v, key_code, row_slot, num_slots, num_classes, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse_log2, mass, key_code, row_slot)
+    def forward(ctx, q, k, v, sinks, key_code, row_slot, num_slots, num_classes, causal, scale):
+        sinks_log2 = None if sinks is None else (sinks.float() * LOG2E).contiguous()
+        out, lse_log2, mass = _forward(q, k, v, sinks_log2, key_code, row_slot, num_slots, num_classes, causal,
+                                       scale)
+        ctx.save_for_backward(q, k, v, out, lse_log2, mass, key_code, row_slot, sinks_log2)
         ctx.num_classes, ctx.causal, ctx.scale = num_classes, causal, scale
+        ctx.sinks_dtype = None if sinks is None else sinks.dtype
         ctx.set_materialize_grads(False)
         return out, mass
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_mass):
-        q, k, v, out, lse_log2, mass, key_code, row_slot = ctx.saved_tensors
-        grad_q, grad_k, grad_v = _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, ctx.num_classes,
-                                           ctx.causal, ctx.scale, grad_out, grad_mass)
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+        q, k, v, out, lse_log2, mass, key_code, row_slot, sinks_log2 = ctx.saved_tensors
+        grad_q, grad_k, grad_v, delta = _backward(q, k, v, out, lse_log2, mass, key_code, row_slot, ctx.num_classes,
+                                                  ctx.causal, ctx.scale, grad_out, grad_mass)
+        grad_sinks = None
+        if ctx.needs_input_grad[3]:  # dL/dsink = -sum over batch and rows of P_sink · Delta
+            sink_probs = torch.exp2(sinks_log2[None, :, None] - lse_log2)
+            grad_sinks = -(sink_probs * delta).sum((0, 2)).to(ctx.sinks_dtype)
+        return grad_q, grad_k, grad_v, grad_sinks, None, None, None, None, None, None
 
 
 def unsupported(args: LabelAttentionArgs) -> Optional[str]:
     """Why the kernels cannot take these arguments, or None: CUDA tensors (CPU ones only under the interpreter),
-    float16/bfloat16/float32, head dim <= MAX_HEAD_DIM, num_classes <= MAX_NUM_CLASSES."""
+    float16/bfloat16/float32, head dims D and Dv <= MAX_HEAD_DIM, num_classes <= MAX_NUM_CLASSES; sinks or not."""
     q = args.q
     if not (q.is_cuda or _INTERPRET):
         return (f"needs CUDA tensors, q is on {q.device} "
@@ -480,6 +516,8 @@ def unsupported(args: LabelAttentionArgs) -> Optional[str]:
         return f"supports q of dtype float16, bfloat16 or float32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"supports head dims up to {MAX_HEAD_DIM}, q has {q.shape[-1]}"
+    if args.v.shape[-1] > MAX_HEAD_DIM:
+        return f"supports head dims up to {MAX_HEAD_DIM}, v has {args.v.shape[-1]}"
     if args.num_classes > MAX_NUM_CLASSES:
         return f"supports num_classes up to {MAX_NUM_CLASSES}, got num_classes={args.num_classes}"
     return None
@@ -518,8 +556,8 @@ def label_attention(args: LabelAttentionArgs):
     break): dynamo does not trace Triton's interpreter or launcher, and the code around it still compiles."""
     row_slot, num_slots, slot_of_entry = _row_slots(args)
     q, k, v = (_unit_last_stride(t) for t in (args.q, args.k, args.v))
-    out, mass = TritonLabelAttentionFunction.apply(q, k, v, _key_code(args), row_slot, num_slots, args.num_classes,
-                                             args.causal, args.scale)
+    out, mass = TritonLabelAttentionFunction.apply(q, k, v, args.sinks, _key_code(args), row_slot, num_slots,
+                                                   args.num_classes, args.causal, args.scale)
     if slot_of_entry is None:
         return out, mass
     return out, gather_rows(mass, slot_of_entry)

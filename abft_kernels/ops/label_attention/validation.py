@@ -14,7 +14,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class LabelAttentionArgs:
     """Checked, normalised arguments shared by every backend.
 
-    key_class and query_rows are int64; query_rows is None when every row carries a mass.
+    key_class and query_rows are int64; query_rows is None when every row carries a mass; sinks is None or the
+    caller's [Hq] float tensor (any float dtype, backends compute with it in fp32 or fp64).
     """
 
     q: torch.Tensor
@@ -26,6 +27,7 @@ class LabelAttentionArgs:
     causal: bool
     scale: float
     key_padding_mask: Optional[torch.Tensor]
+    sinks: Optional[torch.Tensor] = None
 
     @property
     def num_rows(self) -> int:
@@ -46,7 +48,7 @@ def _check_integer(name: str, t: torch.Tensor) -> None:
 
 
 def validate_label_attention_args(
-    q, k, v, key_class, num_classes, query_rows, causal, scale, key_padding_mask,
+    q, k, v, key_class, num_classes, query_rows, causal, scale, key_padding_mask, sinks=None,
 ) -> LabelAttentionArgs:
     """Check label_attention's arguments (see its docstring) and normalise them; one host sync for the value checks.
 
@@ -55,10 +57,11 @@ def validate_label_attention_args(
     """
     q = _check_tensor("q", q, 4, "[B, Hq, N, D]")
     k = _check_tensor("k", k, 4, "[B, Hkv, N, D]")
-    v = _check_tensor("v", v, 4, "[B, Hkv, N, D]")
+    v = _check_tensor("v", v, 4, "[B, Hkv, N, Dv]")
     batch, num_q_heads, seq_len, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same B, Hkv and N (v may have its own head dim Dv), got k "
+                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
         raise ValueError(
             f"k must have shape [B={batch}, Hkv, N={seq_len}, D={head_dim}] to match q, got {tuple(k.shape)}")
@@ -68,6 +71,8 @@ def validate_label_attention_args(
             f"k has {num_kv_heads} heads, which must divide the {num_q_heads} heads of q (GQA)")
     if seq_len == 0 or batch == 0 or head_dim == 0:
         raise ValueError(f"q must have non-empty B, N and D, got shape {tuple(q.shape)}")
+    if v.shape[3] == 0:
+        raise ValueError(f"v must have a non-empty head dim Dv, got shape {tuple(v.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -93,8 +98,15 @@ def validate_label_attention_args(
         if tuple(key_padding_mask.shape) != (batch, seq_len):
             raise ValueError(
                 f"key_padding_mask must have shape [B={batch}, N={seq_len}], got {tuple(key_padding_mask.shape)}")
+    if sinks is not None:
+        sinks = _check_tensor("sinks", sinks, 1, f"[Hq={num_q_heads}]")
+        if tuple(sinks.shape) != (num_q_heads,):
+            raise ValueError(f"sinks must have shape [Hq={num_q_heads}] (one logit per query head), "
+                             f"got {tuple(sinks.shape)}")
+        if not sinks.dtype.is_floating_point:
+            raise ValueError(f"sinks must be a float tensor, got dtype {sinks.dtype}")
     for name, t in (("k", k), ("v", v), ("key_class", key_class), ("query_rows", query_rows),
-                    ("key_padding_mask", key_padding_mask)):
+                    ("key_padding_mask", key_padding_mask), ("sinks", sinks)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}; all inputs must share one device")
     if scale is None:
@@ -102,22 +114,25 @@ def validate_label_attention_args(
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
-    # Value checks (one host sync): class ids and row indices must be in range.
+    # Value checks (one host sync): class ids and row indices must be in range, sinks finite.
     bad_class = (key_class < -1) | (key_class >= num_classes)
-    checks = [bad_class.any()]
-    if query_rows is not None:
-        checks.append(((query_rows < -1) | (query_rows >= seq_len)).any())
+    no = bad_class.new_zeros(())
+    checks = [bad_class.any(),
+              no if query_rows is None else ((query_rows < -1) | (query_rows >= seq_len)).any(),
+              no if sinks is None else ~torch.isfinite(sinks.detach()).all()]
     flags = torch.stack(checks).tolist()
     if flags[0]:
         lo, hi = int(key_class.min()), int(key_class.max())
         raise ValueError(
             f"key_class values must be -1 (not a label) or in [0, num_classes={num_classes}), got range [{lo}, {hi}]")
-    if query_rows is not None and flags[1]:
+    if flags[1]:
         lo, hi = int(query_rows.min()), int(query_rows.max())
         raise ValueError(f"query_rows values must be -1 (empty slot) or in [0, N={seq_len}), got range [{lo}, {hi}]")
+    if flags[2]:
+        raise ValueError(f"sinks must be finite, got {sinks.detach().cpu().tolist()}")
 
     return LabelAttentionArgs(
         q=q, k=k, v=v, key_class=key_class.long(), num_classes=num_classes,
         query_rows=None if query_rows is None else query_rows.long(), causal=bool(causal), scale=float(scale),
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_padding_mask, sinks=sinks,
     )
