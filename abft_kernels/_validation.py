@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -45,10 +45,37 @@ def _check_integer(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
 
+def index_value_flags(key_class: torch.Tensor, num_classes: int, query_rows: Optional[torch.Tensor],
+                      seq_len: int) -> List[torch.Tensor]:
+    """Bool scalars on the tensors' device, True where a value is out of range: [key_class] or [key_class,
+    query_rows]. Stack them with other flags to read everything in one host sync."""
+    flags = [((key_class < -1) | (key_class >= num_classes)).any()]
+    if query_rows is not None:
+        flags.append(((query_rows < -1) | (query_rows >= seq_len)).any())
+    return flags
+
+
+def raise_for_index_values(flags: Sequence[bool], key_class: torch.Tensor, num_classes: int,
+                           query_rows: Optional[torch.Tensor], seq_len: int) -> None:
+    """ValueError for the first True flag of index_value_flags (read on the host)."""
+    if flags[0]:
+        lo, hi = int(key_class.min()), int(key_class.max())
+        raise ValueError(
+            f"key_class values must be -1 (not a label) or in [0, num_classes={num_classes}), got range [{lo}, {hi}]")
+    if query_rows is not None and flags[1]:
+        lo, hi = int(query_rows.min()), int(query_rows.max())
+        raise ValueError(f"query_rows values must be -1 (empty slot) or in [0, N={seq_len}), got range [{lo}, {hi}]")
+
+
 def validate_label_attention_args(
     q, k, v, key_class, num_classes, query_rows, causal, scale, key_padding_mask,
-    max_num_classes: Optional[int] = None,
+    max_num_classes: Optional[int] = None, check_values: bool = True,
 ) -> LabelAttentionArgs:
+    """Check every argument (ValueError naming it) and normalise them.
+
+    check_values=False skips the value checks of key_class and query_rows (the only ones that read tensor
+    contents, i.e. a host sync), for callers that ran index_value_flags/raise_for_index_values already.
+    """
     q = _check_tensor("q", q, 4, "[B, Hq, N, D]")
     k = _check_tensor("k", k, 4, "[B, Hkv, N, D]")
     v = _check_tensor("v", v, 4, "[B, Hkv, N, D]")
@@ -100,19 +127,9 @@ def validate_label_attention_args(
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
-    # Value checks (one host sync): class ids and row indices must be in range.
-    bad_class = (key_class < -1) | (key_class >= num_classes)
-    checks = [bad_class.any()]
-    if query_rows is not None:
-        checks.append(((query_rows < -1) | (query_rows >= seq_len)).any())
-    flags = torch.stack(checks).tolist()
-    if flags[0]:
-        lo, hi = int(key_class.min()), int(key_class.max())
-        raise ValueError(
-            f"key_class values must be -1 (not a label) or in [0, num_classes={num_classes}), got range [{lo}, {hi}]")
-    if query_rows is not None and flags[1]:
-        lo, hi = int(query_rows.min()), int(query_rows.max())
-        raise ValueError(f"query_rows values must be -1 (empty slot) or in [0, N={seq_len}), got range [{lo}, {hi}]")
+    if check_values:  # one host sync
+        raise_for_index_values(torch.stack(index_value_flags(key_class, num_classes, query_rows, seq_len)).tolist(),
+                               key_class, num_classes, query_rows, seq_len)
 
     return LabelAttentionArgs(
         q=q, k=k, v=v, key_class=key_class.long(), num_classes=num_classes,

@@ -43,13 +43,16 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 
 def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,
-                    key_padding_mask=None, backend="auto"):
+                    key_padding_mask=None, backend="auto", _check_values: bool = True):
     """Attention output and per-label-class attention mass, without forming the N x N scores.
 
     q [B,Hq,N,D]; k, v [B,Hkv,N,D] (Hq a multiple of Hkv); key_class int [B,N] (-1 = not a label,
     else 0..num_classes-1); query_rows int [B,R] (-1 = empty slot, mass 0) or None for every row;
     key_padding_mask bool [B,N], True = real token. Returns out [B,Hq,N,D] in q.dtype and
     mass float32 [B,Hq,R,C]: mass[b,h,r,c] = sum of the softmax row query_rows[b,r] over keys of class c.
+
+    _check_values (private): False skips the range checks of key_class and query_rows (a host sync), for
+    abft_kernels.hf, which checks a LabelSpec's values once per model call instead of once per layer.
     """
     name = resolve_backend(backend, q) if isinstance(q, torch.Tensor) else "torch"
     try:
@@ -57,5 +60,6 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
     except ImportError as exc:
         raise ValueError(f"backend={name!r} is not available here: {exc}") from exc
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
-                                         key_padding_mask, max_num_classes=module.MAX_NUM_CLASSES)
+                                         key_padding_mask, max_num_classes=module.MAX_NUM_CLASSES,
+                                         check_values=_check_values)
     return module.label_attention(args)
