@@ -41,8 +41,8 @@ NO_SDPA = {"gemma2"}  # transformers refuses sdpa for Gemma2; its plain path is 
 def tiny_config(family: str, **overrides):
     kwargs = dict(FAMILIES[family], **overrides)
     model_type = kwargs.pop("model_type")
-    return transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=2,
-                                             initializer_range=0.2, **kwargs)
+    kwargs = dict(dict(vocab_size=VOCAB, num_hidden_layers=2, initializer_range=0.2), **kwargs)
+    return transformers.AutoConfig.for_model(model_type, **kwargs)
 
 
 def tiny_model(family: str, attn_implementation: str = "eager", **overrides):
