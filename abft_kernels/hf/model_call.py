@@ -101,9 +101,10 @@ def leave_call(module, args, output):
         raise ValueError(f"abft= reached no attention layer of {type(module).__name__}: its modelling code "
                          "does not pass extra keywords to the attention")
     if call.masses_without_grad:
-        raise ValueError("abft= masses were computed without autograd, as under reentrant gradient "
-                         "checkpointing (transformers 4.x's default): enable it with "
-                         "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+        raise ValueError(f"abft= masses of {type(module).__name__} were computed with autograd off although the call "
+                         "had it on, so they carry no gradient: under reentrant gradient checkpointing (transformers "
+                         "4.x's default) enable it with gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                         "{'use_reentrant': False}); a model that runs some layers under no_grad cannot be trained so")
     if getattr(output, "attentions", None) is not None:
         # Only the masses: layers of other kinds (linear attention, state-space) may put other tensors there.
         masses = tuple(a for a in output.attentions if any(a is m for m in call.masses))

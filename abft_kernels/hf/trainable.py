@@ -2,10 +2,10 @@
 
 Which output features of which projection feed the query and key states is found, not looked up by family:
 one forward of the model on a few probe tokens runs with an attention function that records each attention
-module's query, key and value states, and a zero vector added to the output of every linear layer. The
-gradient of a random projection of the query (key, value) states with respect to those vectors is non-zero
-exactly at the output features of the attention module's own linear layers that the query (key, value)
-states depend on. So separate q_proj/k_proj, fused QKV projections of any layout (GPT-2 c_attn, GPT-NeoX,
+module's query, key and value states (and attends without autograd, so only direct dependencies count), and a
+zero vector added to the output of every linear layer. The gradient of a random projection of the query (key,
+value) states with respect to those vectors is non-zero exactly at the output features of the attention
+module's own linear layers that the query (key, value) states depend on. So separate q_proj/k_proj, fused QKV projections of any layout (GPT-2 c_attn, GPT-NeoX,
 Falcon, GPT-BigCode per-head or multi-query, CodeGen qkv_proj, Phi-3 qkv_proj) and low-rank ones
 (q_a_proj/q_b_proj, kv_a_proj_with_mqa/kv_b_proj of multi-head latent attention) are all found the same way.
 
@@ -50,10 +50,12 @@ class _Probe:
 
 
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention function of the probe: records the states and attends causally (GQA by broadcasting)."""
+    """Attention function of the probe: records the states and attends causally (GQA by broadcasting) without
+    autograd, so that only direct dependencies count (not those through attention outputs into later layers or
+    into later iterations of a looped layer)."""
     _Probe.calls.append((module, query, key, value))
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True)
+        query.detach(), key.detach(), value.detach(), is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 
