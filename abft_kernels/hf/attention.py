@@ -60,7 +60,9 @@ def abft_mask_function(attention_mask: Optional[torch.Tensor] = None, kv_length:
     attention_mask = attention_mask[:, -kv_length:].bool()
     if attention_mask.shape[1] != kv_length:
         return attention_mask
-    padding_free = call.padding_free if call is not None else None
+    padding_free = None
+    if call is not None and call.mask_length is not None and call.mask_length >= kv_length:
+        padding_free = call.padding_free  # this mask is the call's, or its last kv_length positions
     if padding_free is None:
         padding_free = bool(attention_mask.all())
     return None if padding_free else attention_mask

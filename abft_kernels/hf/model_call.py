@@ -25,6 +25,7 @@ from .._validation import index_value_flags, raise_for_index_values
 from .label_spec import LabelSpec
 
 ABFT_KWARG = "abft"
+_OTHER_MASK_INPUTS = ("encoder_hidden_states", "encoder_attention_mask", "cross_attention_mask")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class ModelCall:
     spec: Optional[LabelSpec]
     grad_enabled: bool  # autograd mode of the call
     token: Optional[Token] = None
-    padding_free: Optional[bool] = None  # whether the call's 2-D attention mask is all ones; None = no such mask
+    padding_free: Optional[bool] = None  # whether the call's 2-D attention mask is all ones; None = not known
+    mask_length: Optional[int] = None  # the length of that mask
     masses_without_grad: bool = False  # ... with autograd off although the call had it on
     mask_kinds: MaskKinds = field(default_factory=MaskKinds)
     masses: List[torch.Tensor] = field(default_factory=list)  # computed from `spec`, in layer order
@@ -84,7 +86,9 @@ def enter_call(module, args, kwargs):
         if not kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
             raise ValueError("abft= needs output_attentions=True in the same call: the masses come back as "
                              "outputs.attentions")
-    _check_call(call, _call_argument(module, args, kwargs, "attention_mask"),
+    # Masks of other inputs (an encoder's, for cross-attention) must not borrow the padding flag of this one.
+    other_masks = any(kwargs.get(name) is not None for name in _OTHER_MASK_INPUTS)
+    _check_call(call, None if other_masks else _call_argument(module, args, kwargs, "attention_mask"),
                 _call_argument(module, args, kwargs, "position_ids"))
     return None
 
@@ -132,7 +136,7 @@ def _check_call(call: ModelCall, attention_mask, position_ids) -> None:
                                spec.key_class, spec.num_classes, spec.query_rows, spec.key_class.shape[1])
         object.__setattr__(spec, "values_checked", True)
     if mask is not None:
-        call.padding_free = not values["padded"]
+        call.padding_free, call.mask_length = not values["padded"], mask.shape[1]
     if values.get("restarts") and not values.get("padded"):
         raise ValueError(
             "attn_implementation='abft' does not support packed sequences (position_ids that restart within a "
