@@ -34,7 +34,7 @@ _SIZES = [  # (attribute names as a regular expression matched in full, tiny val
      r"attention_hidden_size|backbone_hidden_size|(input|output)_embedding_size|emb_dim|lru_width", HIDDEN),
     (r"num_hidden_layers|n_layer|num_layers|n_layers|(en|de)coder_layers|num_blocks", LAYERS),
     (r"n_\w+_layers|num_\w+_layers|first_k_dense_replace", 1),
-    (r"\w+_offset|n_group|topk_group", 1),
+    (r"\w+_offset|n_group|topk_group|num_expert_group", 1),
     (r"\w+_period", 2),
     (r"num_attention_heads|n_head|num_heads|n_heads|(en|de)coder_attention_heads|swa_num_attention_heads|"
      r"index_n_heads|linear_num_(key_|value_)?heads", HEADS),
@@ -62,6 +62,8 @@ _FIXES = {
     "granitemoehybrid": dict(layer_types=["mamba", "attention"]),
     "reformer": dict(axial_pos_embds_dim=[HIDDEN // 2, HIDDEN // 2]),
     "dory": dict(n_input_layers=1, n_recurrent_layers=0, n_output_layers=1),
+    "zamba": dict(attention_hidden_size=2 * HIDDEN),  # the attention sees [hidden states, embeddings]
+    "zamba2": dict(attention_hidden_size=2 * HIDDEN),
 }
 
 

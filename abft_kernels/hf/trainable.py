@@ -43,17 +43,15 @@ class _Projection:
         return (self.feeds["query"] | self.feeds["key"]) & ~self.feeds["value"]
 
 
-class _Probe:
-    """What the probe attention function records: (attention module, query, key, value) per call."""
-
-    calls: List[Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+# What the probe attention function records: (attention module, query, key, value) per call.
+_probe_calls: List[Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
 
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Attention function of the probe: records the states and attends causally (GQA by broadcasting) without
     autograd, so that only direct dependencies count (not those through attention outputs into later layers or
     into later iterations of a looped layer)."""
-    _Probe.calls.append((module, query, key, value))
+    _probe_calls.append((module, query, key, value))
     out = torch.nn.functional.scaled_dot_product_attention(
         query.detach(), key.detach(), value.detach(), is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
@@ -99,20 +97,21 @@ def discover_qk_projections(model: torch.nn.Module) -> List[_Projection]:
         return output + delta
 
     handles = [m.register_forward_hook(add_delta) for m in model.modules() if _is_projection(m)]
-    _Probe.calls = []
+    _probe_calls.clear()
     try:
         for c in configs.values():
             c._attn_implementation_internal = PROBE_IMPLEMENTATION
         model.eval()
         generator = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, _vocab_size(model), (1, _PROBE_TOKENS), generator=generator)
         with torch.enable_grad():
             try:
+                input_ids = torch.randint(0, _vocab_size(model), (1, _PROBE_TOKENS), generator=generator)
                 model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
             except Exception as exc:  # noqa: BLE001  (any failure of the model code: say what and why)
                 raise ValueError(f"trainable_qk could not run {model_type} on {_PROBE_TOKENS} probe tokens to find "
                                  f"its query/key projections: {type(exc).__name__}: {exc}") from exc
-            calls, _Probe.calls = _Probe.calls, []
+            calls = list(_probe_calls)
+            _probe_calls.clear()
             return _features_per_projection(model, model_type, calls, deltas)
     finally:
         for handle in handles:
