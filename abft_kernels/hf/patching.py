@@ -33,7 +33,6 @@ import types
 from functools import lru_cache
 from typing import List, Optional
 
-
 from .attention import ATTN_IMPLEMENTATION
 from .model_call import current_call, enter_call, leave_call
 from .registration import register_abft_attention
