@@ -189,10 +189,12 @@ def load_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
 
 def apply_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
     """Load an ABFT output folder onto its (freshly loaded) base model: adds the LoRA adapters when it was
-    trained with LoRA, then copies the trained tensors. Returns the folder's config."""
+    trained with LoRA (or splits fused projections as trainable_qk does), then copies the trained tensors.
+    Returns the folder's config."""
     config = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    if config.get("lora"):
-        trainable_qk(model, lora=config["lora"])
+    # Recreates the LoRA adapters, or the split of fused projections (their trained features are a parameter of
+    # their own), under the names the trained tensors were saved with.
+    trainable_qk(model, lora=config.get("lora"))
     load_trained_weights(model, folder)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -2,6 +2,7 @@
 gradient checkpointing, half precision, fused QKV value slices and LoRA."""
 from __future__ import annotations
 
+import copy
 import inspect
 import subprocess
 import sys
@@ -16,8 +17,9 @@ import abft_kernels.hf.attention as hf_attention  # noqa: E402
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
+import hf_families  # noqa: E402
 from test_hf_models import (  # noqa: E402
-    NUM_CLASSES, TRANSFORMERS_4, abft_loss_of, icl_batch, masses_from_abft, masses_from_eager, tiny_model,
+    FAMILIES, NUM_CLASSES, TRANSFORMERS_4, abft_loss_of, icl_batch, masses_from_abft, masses_from_eager, tiny_model,
     trained_grads, with_implementation,
 )
 
@@ -182,51 +184,98 @@ def test_half_precision_model(dtype):
     assert rel_err(out.logits[real], plain[real]) < 1e-2
 
 
-FUSED = [
-    ("gpt2", dict(bos_token_id=1, eos_token_id=1), 32),  # value features per layer: E
-    ("gpt_neox", {}, 32),  # H * d
-    ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=1), 16),  # Hkv * d
-    pytest.param("falcon", {}, 8, marks=needs_transformers_5),  # one shared kv head
+FUSED = [  # (family, overrides, value features per layer of the fused projection)
+    ("gpt2", dict(bos_token_id=1, eos_token_id=1), 32),  # c_attn [q | k | v], E each
+    ("gpt_neox", {}, 32),  # per head [q | k | v]
+    ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=1), 16),  # [q | k | v], Hkv * d values
+    pytest.param("falcon", {}, 8, marks=needs_transformers_5),  # multi-query: one shared kv head
     pytest.param("falcon_mha", {}, 32, marks=needs_transformers_5),
     pytest.param("falcon_gqa", {}, 16, marks=needs_transformers_5),  # 2 kv heads
+    ("gpt_bigcode", dict(multi_query=False), 64),  # per head [q | k | v] (hidden 64 in hf_families)
+    ("gpt_bigcode", dict(multi_query=True), 16),  # [q (E) | k (d) | v (d)]
+    ("codegen", {}, 64),  # qkv_proj in mp_num blocks of [q | v | k]
 ]
 
 
-def first_fused_weight(model):
-    for name, param in model.named_parameters():
-        if name.endswith(("c_attn.weight", "query_key_value.weight", "qkv_proj.weight")):
-            return name, param
-    raise AssertionError("no fused QKV weight")
+def build(family, overrides):
+    """A tiny eager model: test_hf_models' hand-written configs, else hf_families' generic tiny config."""
+    if family in FAMILIES:
+        return tiny_model(family, **overrides)
+    return hf_families.tiny_model(family, **overrides)
+
+
+def first_parametrized(model):
+    for name, module in model.named_modules():
+        if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+            return name, module
+    raise AssertionError("no projection with split output features")
+
+
+def eager_masses(model, batch):
+    input_ids, mask, key_class, rows, _ = batch
+    out = model(input_ids, attention_mask=mask, output_attentions=True, use_cache=False)
+    return out, hf_families.masses_from_weights(out.attentions, key_class, rows)
 
 
 @pytest.mark.parametrize("family, overrides, value_features", FUSED)
-def test_fused_qkv_value_slice(family, overrides, value_features):
-    """The features whose gradient trainable_qk zeroes feed the values only: changing them leaves the first
-    layer's masses as they are and moves the logits; changing the other features moves the masses."""
-    model = apply_abft(tiny_model(family, **overrides))
-    trainable_qk(model)
-    input_ids, mask, key_class, rows, _ = icl_batch()
-    out, masses = masses_from_abft(model, input_ids, mask, key_class, rows)
-    (out.logits * torch.randn_like(out.logits)).sum().backward()
-    name, weight = first_fused_weight(model)
-    feature_dim = 1 if family == "gpt2" else 0  # Conv1D stores [in, out]
-    other_dim = 1 - feature_dim
-    frozen = (weight.grad == 0).all(dim=other_dim)
-    assert int(frozen.sum()) == value_features
+def test_fused_qkv_value_features(family, overrides, value_features):
+    """trainable_qk finds the value features of a fused projection: changing them leaves the first layer's masses
+    as they are and moves the logits; changing the trained features moves the masses. An AdamW with weight decay
+    never moves the value features (they are a buffer, not a trained tensor) and does move the trained ones."""
+    model = build(family, overrides)
+    trained = trainable_qk(model)
+    name, projection = first_parametrized(model)
+    split = projection.parametrizations.weight[0]
+    assert split.frozen_index.numel() == value_features
+    batch = hf_families.icl_batch(model.config.vocab_size)
+    out, masses = eager_masses(model, batch)
 
-    def masses_and_logits_after(features):
-        perturbed = with_implementation(model, "abft")
-        w = dict(perturbed.named_parameters())[name]
+    def after_adding_noise(tensor_name):
+        perturbed = copy.deepcopy(model)
+        module = dict(perturbed.named_modules())[name]
+        tensor = getattr(module.parametrizations.weight, tensor_name) if tensor_name == "original" \
+            else module.parametrizations.weight[0].frozen
         with torch.no_grad():
-            w.index_add_(feature_dim, features.nonzero().flatten(), torch.randn_like(w.index_select(
-                feature_dim, features.nonzero().flatten())))
-        new_out, new_masses = masses_from_abft(perturbed, input_ids, mask, key_class, rows)
-        return new_masses[0], new_out.logits
+            tensor.add_(torch.randn_like(tensor))
+        return eager_masses(perturbed, batch)
 
-    layer0, logits = masses_and_logits_after(frozen)
-    assert rel_err(layer0, masses[0]) < 1e-6 and rel_err(logits, out.logits) > 1e-3
-    layer0, _ = masses_and_logits_after(~frozen)
-    assert rel_err(layer0, masses[0]) > 1e-3
+    new_out, new_masses = after_adding_noise("frozen")
+    assert rel_err(new_masses[0], masses[0]) < 1e-6 and rel_err(new_out.logits, out.logits) > 1e-3
+    _, new_masses = after_adding_noise("original")
+    assert rel_err(new_masses[0], masses[0]) > 1e-3
+
+    before = projection.weight.detach().clone()
+    optimizer = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        _, masses = eager_masses(model, batch)
+        hf_families.abft_loss_per_layer(masses, batch[2], batch[3], batch[4], batch[1])[0].backward()
+        optimizer.step()
+    after = projection.weight.detach()
+    axis = split.axis
+    assert torch.equal(after.index_select(axis, split.frozen_index), before.index_select(axis, split.frozen_index))
+    assert not torch.equal(after.index_select(axis, split.trained_index),
+                           before.index_select(axis, split.trained_index))
+
+
+def test_multi_head_latent_attention_projections():
+    """Low-rank projections (DeepSeek-V3): q_a_proj and q_b_proj feed the queries only; of kv_a_proj_with_mqa only
+    the rotary key part (the last qk_rope_head_dim features) is trained (the rest feeds keys and values through
+    kv_b_proj); of kv_b_proj, per head, the qk_nope_head_dim key features and not the v_head_dim value ones."""
+    model = hf_families.tiny_model("deepseek_v3")
+    config = model.config
+    trainable_qk(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".layers.0." in n}
+    prefix = "model.layers.0.self_attn."
+    assert trained == {prefix + "q_a_proj.weight", prefix + "q_b_proj.weight",
+                       prefix + "kv_a_proj_with_mqa.parametrizations.weight.original",
+                       prefix + "kv_b_proj.parametrizations.weight.original"}
+    attention = model.model.layers[0].self_attn
+    rope = attention.kv_a_proj_with_mqa.parametrizations.weight[0].trained_index
+    assert torch.equal(rope, torch.arange(config.kv_lora_rank, config.kv_lora_rank + config.qk_rope_head_dim))
+    per_head = config.qk_nope_head_dim + config.v_head_dim
+    keys = torch.arange(config.num_attention_heads)[:, None] * per_head + torch.arange(config.qk_nope_head_dim)
+    assert torch.equal(attention.kv_b_proj.parametrizations.weight[0].trained_index, keys.flatten())
 
 
 @pytest.mark.parametrize("family, overrides", [("llama", {}), ("gpt2", dict(bos_token_id=1, eos_token_id=1))])
@@ -241,19 +290,37 @@ def test_lora_on_query_key(family, overrides):
     assert {n for n, p in eager.named_parameters() if p.requires_grad} == \
         {n for n, p in eager.named_parameters() if "lora_" in n}
     assert len(trained) == 2 * 2 * (2 if family == "llama" else 1)  # A and B per projection, 2 layers
+    with torch.no_grad():  # peft starts lora_B at zero, which would leave lora_A without a gradient
+        for p in trained:
+            p.normal_(0.0, 0.1)
+        for (_, a), (_, b) in zip(sorted(_trained(eager).items()), sorted(_trained(abft).items())):
+            b.copy_(a)
     input_ids, mask, key_class, rows, target = icl_batch()
-    _, eager_masses = masses_from_eager(eager, input_ids, mask, key_class, rows)
+    _, eager_masses_ = masses_from_eager(eager, input_ids, mask, key_class, rows)
     _, abft_masses = masses_from_abft(abft, input_ids, mask, key_class, rows)
-    abft_loss_of(eager_masses, key_class, rows, target, mask)[0].backward()
+    abft_loss_of(eager_masses_, key_class, rows, target, mask)[0].backward()
     abft_loss_of(abft_masses, key_class, rows, target, mask)[0].backward()
     want, got = trained_grads(eager), trained_grads(abft)
-    lora_b = [name for name in want if "lora_B" in name]
-    assert lora_b and all(want[name].norm() > 0 for name in lora_b)
+    assert want and all(want[name].norm() > 0 for name in want)
     for name in want:
         assert rel_err(got[name], want[name]) < 1e-5, name
-    if family == "gpt2":  # fused c_attn: the adapter's value rows stay frozen
-        for name in lora_b:
-            assert (want[name][64:] == 0).all() and (want[name][:64] != 0).any()
+    if family == "gpt2":  # fused c_attn: the adapter's value rows are a frozen buffer, moved by no optimizer
+        lora_b = [m for n, m in eager.named_modules() if n.endswith("lora_B.default")]
+        assert lora_b and all(m.parametrizations.weight[0].frozen_index.numel() == 32 for m in lora_b)
+        before = [m.weight.detach().clone() for m in lora_b]
+        optimizer = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            _, masses = masses_from_eager(eager, input_ids, mask, key_class, rows)
+            abft_loss_of(masses, key_class, rows, target, mask)[0].backward()
+            optimizer.step()
+        for m, old in zip(lora_b, before):
+            frozen = m.parametrizations.weight[0].frozen_index
+            assert torch.equal(m.weight[frozen], old[frozen]) and not torch.equal(m.weight, old)
+
+
+def _trained(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.skipif(not TRANSFORMERS_4, reason="transformers 5 supports Falcon")

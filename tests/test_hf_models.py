@@ -41,8 +41,8 @@ NO_SDPA = {"gemma2"}  # transformers refuses sdpa for Gemma2; its plain path is 
 def tiny_config(family: str, **overrides):
     kwargs = dict(FAMILIES[family], **overrides)
     model_type = kwargs.pop("model_type")
-    return transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, num_hidden_layers=2,
-                                             initializer_range=0.2, **kwargs)
+    kwargs = dict(dict(vocab_size=VOCAB, num_hidden_layers=2, initializer_range=0.2), **kwargs)
+    return transformers.AutoConfig.for_model(model_type, **kwargs)
 
 
 def tiny_model(family: str, attn_implementation: str = "eager", **overrides):
@@ -115,6 +115,8 @@ def family(request):
 def test_masses_and_qk_grads_match_eager(family):
     eager = tiny_model(family)
     abft = with_implementation(eager, "abft")
+    trainable_qk(eager)
+    trainable_qk(abft)
     batch = icl_batch()
     input_ids, mask, key_class, rows, target = batch
     eager_out, eager_masses = masses_from_eager(eager, input_ids, mask, key_class, rows)
@@ -127,8 +129,6 @@ def test_masses_and_qk_grads_match_eager(family):
     real = mask.bool()
     assert rel_err(abft_out.logits[real], eager_out.logits[real]) < 1e-5
 
-    trainable_qk(eager)
-    trainable_qk(abft)
     eager_loss, info = abft_loss_of(eager_masses, key_class, rows, target, mask)
     abft_loss, _ = abft_loss_of(abft_masses, key_class, rows, target, mask)
     assert info.counted.any(), "no head passes the induction filter: the gradient check would be empty"
@@ -143,12 +143,8 @@ def test_masses_and_qk_grads_match_eager(family):
 
 
 def test_from_config_registers_abft(family):
-    if family in NEEDS_APPLY_ABFT:
-        pytest.skip("Falcon is switched with apply_abft")
     model = tiny_model(family, attn_implementation="abft")
     assert model.config._attn_implementation == "abft"
-    if TRANSFORMERS_4 and family == "gpt2":
-        apply_abft(model)  # 4.57's GPT2LMHeadModel does not pass abft= on by itself
     input_ids, mask, key_class, rows, _ = icl_batch()
     _, masses = masses_from_abft(model, input_ids, mask, key_class, rows)
     assert all(m.shape == (3, model.config.num_attention_heads, 1, NUM_CLASSES) for m in masses)

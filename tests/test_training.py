@@ -134,7 +134,7 @@ def test_train_and_eval_commands_on_another_architecture(tmp_path):
     main(["train", *run, str(tmp_path / "run"), "--steps", "1", "--prompts-per-step", "2", "--micro-batch", "2",
           "--train-prompts", "2", "--lr", "1e-3"])
     assert sorted(load_file(str(tmp_path / "run" / WEIGHTS_FILE))) == [
-        f"transformer.h.{i}.attn.c_attn.{p}" for i in range(2) for p in ("bias", "weight")]
+        f"transformer.h.{i}.attn.c_attn.parametrizations.{p}.original" for i in range(2) for p in ("bias", "weight")]
     main(["eval", "--weights", str(tmp_path / "run"), "--output-dir", str(tmp_path / "eval")])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["after"]["num_prompts"] == 4 and len(report["after"]["gold_mass"]) == 2

@@ -10,45 +10,111 @@ function then runs one of two paths:
 * `abft=LabelSpec(...)`: label_attention, which returns the attention output and the label masses
   [B, Hq, R, C]; the masses come back as the layer's attention weights (`outputs.attentions` under
   `output_attentions=True`) with autograd intact.
+
+What the attention function cannot compute exactly is refused with a ValueError naming the model type.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..ops.label_attention import label_attention
 from .label_spec import LabelSpec
-from .model_call import current_call
+from .model_call import MaskKinds, current_call
 
 ATTN_IMPLEMENTATION = "abft"
+# Keywords of transformers' attention functions that change the attention math when not None.
+_UNSUPPORTED_KEYWORDS = {
+    "softcap": "attention logit soft-capping (e.g. Gemma2's attn_logit_softcapping: load the model with "
+               "attn_logit_softcapping=None)",
+    "head_mask": "head_mask",
+    "position_bias": "an additive position bias (T5-style relative attention bias)",
+    "indices": "sparse attention over selected keys (indices=, e.g. DeepSeek sparse attention)",
+    "block_indices": "block-sparse attention (block_indices=)",
+}
 
 
-def abft_mask_function(attention_mask: Optional[torch.Tensor] = None, kv_length: Optional[int] = None, **_):
+def _model_type(module: torch.nn.Module) -> str:
+    return getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+
+
+def abft_mask_function(attention_mask: Optional[torch.Tensor] = None, kv_length: Optional[int] = None,
+                       mask_function: Optional[Callable] = None, **_):
     """Mask function: bool [B, kv_length] (True = real token) of the last kv_length positions, or None when
     nothing is padded.
 
-    A mask shorter than kv_length (a static cache) is returned as is; the attention function refuses it.
+    The attention function rebuilds causality and sliding windows itself, so the mask function checks that
+    transformers' `mask_function` asks for nothing else (ValueError for chunked attention shorter than the
+    keys, packed sequences, bidirectional blocks or any other mask function) and records what it asks for in
+    the model call. Whether anything is padded was read in the model call's one host sync
+    (model_call.enter_call); outside a model call it is read here. A mask shorter than kv_length (a static
+    cache) is returned as is; the attention function refuses it.
     """
+    call = current_call.get()
+    if mask_function is not None and kv_length is not None:
+        kinds = call.mask_kinds if call is not None else MaskKinds()
+        _read_mask_function(mask_function, kv_length, kinds)
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
-        return None
-    return attention_mask
+    if attention_mask.shape[1] != kv_length:
+        return attention_mask
+    padding_free = None
+    if call is not None and call.mask_length is not None and call.mask_length >= kv_length:
+        padding_free = call.padding_free  # this mask is the call's, or its last kv_length positions
+    if padding_free is None:
+        padding_free = bool(attention_mask.all())
+    return None if padding_free else attention_mask
+
+
+def _read_mask_function(mask_function: Callable, kv_length: int, kinds: MaskKinds, window: Optional[int] = None):
+    """Walk a mask function composed from transformers' masking_utils pieces into `kinds`."""
+    from transformers import masking_utils as mu
+
+    name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
+    free = _free_variables(mask_function)
+    if mask_function is mu.causal_mask_function:
+        kinds.causal_windows.add(window)
+    elif mask_function is mu.bidirectional_mask_function:
+        kinds.bidirectional = True
+    elif name.startswith("and_masks.") and "mask_functions" in free:
+        windows = [_free_variables(f)["sliding_window"] for f in free["mask_functions"]
+                   if getattr(f, "__qualname__", "").startswith("sliding_window_overlay.")]
+        window = min(windows + ([window] if window is not None else [])) if windows else window
+        for f in free["mask_functions"]:
+            _read_mask_function(f, kv_length, kinds, window)
+    elif name.startswith("sliding_window_overlay."):
+        pass  # read by the enclosing and_masks
+    elif name.startswith("chunked_overlay.") and free.get("chunk_size", 0) >= kv_length:
+        pass  # a chunk as long as the keys changes nothing
+    elif name.startswith("padding_mask_function."):
+        pass  # the 2-D padding mask carries it
+    else:
+        what = {"chunked_overlay": "chunked attention shorter than the sequence",
+                "packed_sequence_mask_function": "packed sequences", "blockwise_overlay": "bidirectional blocks",
+                "or_masks": "a union of masks (e.g. bidirectional attention over some tokens)"}
+        reason = next((v for k, v in what.items() if name.startswith(k + ".")), f"the mask function {name}")
+        raise ValueError(f"attn_implementation='abft' does not support {reason}: it computes causal attention with "
+                         "key padding and sliding windows only; use attn_implementation='eager'")
+
+
+def _free_variables(function: Callable) -> dict:
+    code = getattr(function, "__code__", None)
+    cells = getattr(function, "__closure__", None) or ()
+    return dict(zip(getattr(code, "co_freevars", ()), (c.cell_contents for c in cells)))
 
 
 def abft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
                            dropout: float = 0.0, abft: Optional[LabelSpec] = None, **kwargs):
-    """Attention function: query [B,Hq,Nq,D], key/value [B,Hkv,Nk,D] -> (out [B,Nq,Hq,D], masses or None)."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError(
-            f"attn_implementation='abft' does not support attention logit soft-capping (softcap={kwargs['softcap']}, "
-            "e.g. Gemma2's attn_logit_softcapping): load the model with attn_logit_softcapping=None, or use "
-            "attn_implementation='eager'")
-    if kwargs.get("head_mask") is not None:
-        raise ValueError("attn_implementation='abft' does not support head_mask")
+    """Attention function: query [B,Hq,Nq,D], key [B,Hkv,Nk,D], value [B,Hkv,Nk,Dv] ->
+    (out [B,Nq,Hq,Dv], masses [B,Hq,R,C] or None)."""
+    for name, what in _UNSUPPORTED_KEYWORDS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='abft' does not support {what} ({_model_type(module)} passes "
+                             f"{name}=): use attn_implementation='eager'")
+    sinks = _attention_sinks(module, query, kwargs)
     # The module's flag says whether the attention is causal. The is_causal keyword is no substitute: transformers
     # 4.57's GPT-2 passes is_causal=False whenever a mask is given, meaning "the mask carries causality".
     causal = getattr(module, "is_causal", True)
@@ -56,24 +122,60 @@ def abft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     sliding_window = kwargs.get("sliding_window")
     # A window only matters when some query would see keys further back than it.
     window = sliding_window if sliding_window is not None and kv_len > sliding_window else None
+    call = current_call.get()
+    if call is not None:
+        _check_against_masks(module, causal, window, q_len, kv_len, call.mask_kinds)
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != kv_len:
         raise ValueError(
             f"attn_implementation='abft' got a padding mask over {attention_mask.shape[1]} keys for {kv_len} keys: "
             "static caches are not supported, use the default DynamicCache")
-    position_ids = kwargs.get("position_ids")
-    if attention_mask is None and query.shape[0] == 1 and q_len > 1 and position_ids is not None:
-        _refuse_packed_sequences(position_ids)
 
     if abft is None:
-        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window)
+        if call is not None and call.spec is not None:
+            raise ValueError(
+                f"abft= did not reach {type(module).__name__} ({_model_type(module)}): a layer of this model drops "
+                "the keywords that the model call passes to its attention, so its masses cannot be returned")
+        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window, sinks)
     _check_label_call(abft, q_len, kv_len, attention_mask, window, dropout)
-    call = current_call.get()
     if call is not None and call.spec is abft:
-        call.used = True
         call.masses_without_grad |= call.grad_enabled and not torch.is_grad_enabled()
     out, mass = label_attention(query, key, value, abft.key_class, abft.num_classes, query_rows=abft.query_rows,
-                                causal=causal, scale=scaling, key_padding_mask=attention_mask, backend=abft.backend)
+                                causal=causal, scale=scaling, key_padding_mask=attention_mask, backend=abft.backend,
+                                sinks=sinks, _check_values=not abft.values_checked)
+    if call is not None and call.spec is abft:
+        call.masses.append(mass)
     return out.transpose(1, 2).contiguous(), mass
+
+
+def _check_against_masks(module, causal: bool, window: Optional[int], q_len: int, kv_len: int,
+                         kinds: MaskKinds) -> None:
+    """The module's causality and sliding window must be what the masks of the call ask for, where the masks
+    leave no doubt (a model may build several kinds of masks for different layers)."""
+    what = None
+    if not causal and kinds.causal_windows and q_len == kv_len and not getattr(module, "is_cross_attention", False):
+        what = "says it is not causal (is_causal=False) while the model builds causal masks"
+    elif causal and kinds.bidirectional and not kinds.causal_windows:
+        what = "says it is causal while the model builds bidirectional masks only"
+    elif window is None and causal and kinds.causal_windows and None not in kinds.causal_windows \
+            and min(kinds.causal_windows) < kv_len:
+        what = f"passes no sliding window while the model builds sliding-window masks {sorted(kinds.causal_windows)} only"
+    elif window is not None and kinds.causal_windows and window not in kinds.causal_windows:
+        what = f"passes sliding_window={window} while the model builds no mask with that window"
+    if what:
+        raise ValueError(f"attn_implementation='abft' cannot run {_model_type(module)}: {type(module).__name__} "
+                         f"{what}, so the 'abft' attention would differ from the model's masks")
+
+
+def _attention_sinks(module, query: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
+    """The attention sinks the model passes (gpt-oss's s_aux: one logit per query head in every softmax
+    denominator), or None. label_attention computes them exactly; a shape other than [Hq] is refused."""
+    sinks = [kwargs[name] for name in ("s_aux", "sinks") if kwargs.get(name) is not None]
+    if not sinks:
+        return None
+    if sinks[0].shape != (query.shape[1],):
+        raise ValueError(f"attn_implementation='abft' supports attention sinks of shape [num_heads={query.shape[1]}], "
+                         f"{_model_type(module)} passes {tuple(sinks[0].shape)}: use attn_implementation='eager'")
+    return sinks[0]
 
 
 def _check_label_call(abft, q_len: int, kv_len: int, attention_mask, window: Optional[int], dropout: float) -> None:
@@ -97,10 +199,15 @@ def _check_label_call(abft, q_len: int, kv_len: int, attention_mask, window: Opt
             "attention dropout to 0")
 
 
-def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window):
+def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window, sinks=None):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, kv_len = query.shape[2], key.shape[2]
+    if sinks is not None:  # transformers' sdpa function has no sinks
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("attn_implementation='abft' supports attention sinks with a 2-D padding mask only")
+        mask = _visible_keys(q_len, kv_len, attention_mask, causal, window, query.device)
+        return _attention_with_sinks(module, query, key, value, mask, scaling, dropout, sinks)
     if attention_mask is not None and attention_mask.dim() == 4:  # a custom mask the caller built: use as is
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=False)
@@ -112,6 +219,19 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
         mask = _visible_keys(q_len, kv_len, attention_mask, causal, window, query.device)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                   is_causal=causal and mask is None and q_len > 1)
+
+
+def _attention_with_sinks(module, query, key, value, visible, scaling, dropout, sinks):
+    """Plain attention whose softmax has one extra logit per head (the sink) that no value receives, as the eager
+    attention of gpt-oss computes it (O(Nq·Nk) memory, like that eager path): out [B, Nq, Hq, Dv], None."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~visible, torch.finfo(query.dtype).min)
+    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1].to(value.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return (probs @ value).transpose(1, 2).contiguous(), None
 
 
 def _visible_keys(q_len: int, kv_len: int, padding: Optional[torch.Tensor], causal: bool, window: Optional[int],
@@ -128,11 +248,3 @@ def _visible_keys(q_len: int, kv_len: int, padding: Optional[torch.Tensor], caus
     if padding is not None:
         visible = visible & padding[:, None, None, :]
     return visible
-
-
-def _refuse_packed_sequences(position_ids: torch.Tensor) -> None:
-    """Several sequences packed in one row (positions restart) need a block mask that the 2-D mask cannot carry."""
-    if bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any()):
-        raise ValueError(
-            "attn_implementation='abft' does not support packed sequences (position_ids that restart within a "
-            "row): pad the sequences into a batch with an attention_mask instead")

@@ -1,7 +1,7 @@
 """LabelSpec: the label information one forward call carries to every attention layer."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,12 +24,17 @@ class LabelSpec:
     key_class int [B, N]: class of each token as a key (-1 = not a label token, else 0..num_classes-1), N the
     length of input_ids. query_rows int [B, R]: the positions whose masses are returned (-1 = empty slot), or
     None for every position. backend: the label_attention backend ("auto" picks the fastest for the device).
+
+    Construction checks types and shapes (no host sync). The values (class ids in [-1, num_classes), rows in
+    [-1, N)) are checked once per model call, in the same host sync as the call's other checks; the attention
+    layers then skip those checks (also when gradient checkpointing recomputes them).
     """
 
     key_class: torch.Tensor
     query_rows: Optional[torch.Tensor]
     num_classes: int
     backend: str = "auto"
+    values_checked: bool = field(default=False, init=False, repr=False)  # set by a model call's check
 
     def __post_init__(self):
         _check_index_tensor("key_class", self.key_class, "[B, N]")
@@ -38,6 +43,9 @@ class LabelSpec:
             if self.query_rows.shape[0] != self.key_class.shape[0]:
                 raise ValueError(f"query_rows must have B={self.key_class.shape[0]} rows like key_class, "
                                  f"got shape {tuple(self.query_rows.shape)}")
+            if self.query_rows.device != self.key_class.device:
+                raise ValueError(f"query_rows is on {self.query_rows.device} but key_class is on "
+                                 f"{self.key_class.device}; both must share one device")
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.backend not in BACKENDS:

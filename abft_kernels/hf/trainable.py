@@ -1,120 +1,260 @@
 """trainable_qk: freeze everything but the query and key projections (ABFT trains W_Q and W_K only).
 
-Separate projections (q_proj, k_proj) are trained whole. A fused QKV projection is trained whole too, but
-the gradient of its value slice is zeroed by a hook, so the values never move (with an optimizer without
-weight decay, as the paper's Adam). Each fused layout is read off the attention module:
+Which output features of which projection feed the query and key states is found, not looked up by family:
+one forward of the model on a few probe tokens runs with an attention function that records each attention
+module's query, key and value states (and attends without autograd, so only direct dependencies count), and a
+zero vector added to the output of every linear layer. The gradient of a random projection of the query (key,
+value) states with respect to those vectors is non-zero exactly at the output features of the attention
+module's own linear layers that the query (key, value) states depend on. So separate q_proj/k_proj, fused QKV projections of any layout (GPT-2 c_attn, GPT-NeoX,
+Falcon, GPT-BigCode per-head or multi-query, CodeGen qkv_proj, Phi-3 qkv_proj) and low-rank ones
+(q_a_proj/q_b_proj, kv_a_proj_with_mqa/kv_b_proj of multi-head latent attention) are all found the same way.
 
-* GPT-2 `c_attn` (Conv1D, weight [in, 3E]): output features [q | k | v].
-* GPT-NeoX `query_key_value`: per head [q | k | v], head_size features each.
-* Phi-3 `qkv_proj`: [q (H·d) | k (Hkv·d) | v (Hkv·d)].
-* Falcon `query_key_value`: per kv group [q x G | k | v] (new decoder architecture), per head
-  [q | k | v] (multi-head), or [q x H | k | v] (multi-query).
+A feature is trained when it feeds the query or key states and not the value states:
+
+* a projection whose every feature is trained (q_proj, k_proj) is trained as it is;
+* a projection with other features too (a fused QKV) is split by a parametrization: its weight (and bias)
+  becomes the trained features (a parameter) and the other features (a buffer), put together in forward. The
+  value features are not a trained tensor, so no optimizer setting (weight decay included) can move them.
+
+A layer whose query or key states depend only on features that also feed its value states (so W_Q or W_K
+cannot be trained without moving W_V) is refused with a ValueError.
 """
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.nn.utils import parametrize
 
-_SEPARATE = ("q_proj", "k_proj")
-_FUSED = ("c_attn", "query_key_value", "qkv_proj")
-
-
-def _falcon_value_features(module) -> torch.Tensor:
-    d, num_heads = module.head_dim, module.num_heads
-    if module.new_decoder_architecture:
-        group = num_heads // module.num_kv_heads
-        starts = torch.arange(module.num_kv_heads) * (group + 2) * d + (group + 1) * d
-    elif module.multi_query:
-        starts = torch.tensor([(num_heads + 1) * d])
-    else:
-        starts = torch.arange(num_heads) * 3 * d + 2 * d
-    return (starts[:, None] + torch.arange(d)).flatten()
+PROBE_IMPLEMENTATION = "abft_qk_probe"
+_PROBE_TOKENS = 8
+_STATES = ("query", "key", "value")
 
 
-def _value_features(attention: torch.nn.Module, fused_name: str) -> torch.Tensor:
-    """Output-feature indices of the value slice of `attention`'s fused projection."""
-    if fused_name == "c_attn":  # GPT-2
-        if getattr(attention, "is_cross_attention", False):
-            raise ValueError("trainable_qk does not support GPT-2 cross-attention layers")
-        embed = attention.split_size
-        return torch.arange(2 * embed, 3 * embed)
-    if fused_name == "qkv_proj":  # Phi-3
-        num_heads, d = attention.config.num_attention_heads, attention.head_dim
-        start = (num_heads + attention.num_key_value_heads) * d
-        return torch.arange(start, start + attention.num_key_value_heads * d)
-    if hasattr(attention, "new_decoder_architecture"):  # Falcon
-        return _falcon_value_features(attention)
-    if hasattr(attention, "head_size"):  # GPT-NeoX
-        d = attention.head_size
-        num_heads = attention.config.num_attention_heads
-        return (torch.arange(num_heads)[:, None] * 3 * d + 2 * d + torch.arange(d)).flatten()
-    raise ValueError(f"trainable_qk does not know the layout of {type(attention).__name__}.{fused_name}")
+@dataclasses.dataclass
+class _Projection:
+    name: str
+    module: torch.nn.Module
+    feeds: Dict[str, torch.Tensor]  # "query"/"key"/"value" -> bool [out_features]
+
+    @property
+    def trained(self) -> torch.Tensor:
+        return (self.feeds["query"] | self.feeds["key"]) & ~self.feeds["value"]
 
 
-def _zero_slice(index: torch.Tensor, dim: int, grad: torch.Tensor) -> torch.Tensor:
-    return grad.index_fill(dim, index.to(grad.device), 0)
+# What the probe attention function records: (attention module, query, key, value) per call.
+_probe_calls: List[Tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
 
-def _qk_projections(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, Optional[torch.Tensor]]]:
-    """(name, projection, value feature indices or None) for every query/key projection of `model`."""
-    found = []
-    for name, module in model.named_modules():
-        children = dict(module.named_children())
-        if all(part in children for part in _SEPARATE):
-            found += [(f"{name}.{part}", children[part], None) for part in _SEPARATE]
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention function of the probe: records the states and attends causally (GQA by broadcasting) without
+    autograd, so that only direct dependencies count (not those through attention outputs into later layers or
+    into later iterations of a looped layer)."""
+    _probe_calls.append((module, query, key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.detach(), key.detach(), value.detach(), is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _feature_axis(module: torch.nn.Module) -> Optional[int]:
+    """The weight axis of a layer's output features: 0 for nn.Linear, 1 for transformers' Conv1D."""
+    if isinstance(module, torch.nn.Linear):
+        return 0
+    if type(module).__name__ == "Conv1D":
+        return 1
+    return None
+
+
+def _is_projection(module: torch.nn.Module) -> bool:
+    return _feature_axis(module) is not None
+
+
+def discover_qk_projections(model: torch.nn.Module) -> List[_Projection]:
+    """Every linear layer inside an attention module with the output features feeding its query, key and
+    value states (one probe forward of `model`, see the module docstring)."""
+    from transformers import PretrainedConfig
+    from transformers.modeling_utils import AttentionInterface
+
+    from .patching import _patch_falcon
+
+    AttentionInterface.register(PROBE_IMPLEMENTATION, _probe_attention)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if model_type == "falcon":
+        _patch_falcon(model)  # its attention calls the configured attention function, the probe included
+    configs = {id(m.config): m.config for m in model.modules()
+               if isinstance(getattr(m, "config", None), PretrainedConfig)}
+    saved_implementations = {key: c._attn_implementation_internal for key, c in configs.items()}
+    saved_modes = [(m, m.training) for m in model.modules()]
+    deltas: Dict[torch.nn.Module, List[torch.Tensor]] = {}
+
+    def add_delta(module, args, output):
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return None
+        delta = torch.zeros(output.shape[-1], dtype=output.dtype, device=output.device, requires_grad=True)
+        deltas.setdefault(module, []).append(delta)
+        return output + delta
+
+    handles = [m.register_forward_hook(add_delta) for m in model.modules() if _is_projection(m)]
+    _probe_calls.clear()
+    try:
+        for c in configs.values():
+            c._attn_implementation_internal = PROBE_IMPLEMENTATION
+        model.eval()
+        generator = torch.Generator().manual_seed(0)
+        with torch.enable_grad():
+            try:
+                input_ids = torch.randint(0, _vocab_size(model), (1, _PROBE_TOKENS), generator=generator)
+                model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+            except Exception as exc:  # noqa: BLE001  (any failure of the model code: say what and why)
+                raise ValueError(f"trainable_qk could not run {model_type} on {_PROBE_TOKENS} probe tokens to find "
+                                 f"its query/key projections: {type(exc).__name__}: {exc}") from exc
+            calls = list(_probe_calls)
+            _probe_calls.clear()
+            return _features_per_projection(model, model_type, calls, deltas)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for key, c in configs.items():
+            c._attn_implementation_internal = saved_implementations[key]
+        for module, training in saved_modes:
+            module.training = training
+
+
+def _vocab_size(model) -> int:
+    embeddings = model.get_input_embeddings()
+    return getattr(embeddings, "num_embeddings", None) or model.config.vocab_size
+
+
+def _features_per_projection(model, model_type: str, calls, deltas) -> List[_Projection]:
+    if not calls:
+        raise ValueError(f"trainable_qk found no attention layer of {model_type} that goes through transformers' "
+                         "AttentionInterface, so it cannot tell its query/key projections")
+    names = {module: name for name, module in model.named_modules()}
+    generator = torch.Generator().manual_seed(0)
+    projections: Dict[torch.nn.Module, _Projection] = {}
+    for attention, *states in calls:
+        inside = [(m, d) for m in attention.modules() if m in deltas for d in deltas[m]]
+        for module, delta in inside:
+            if module not in projections:
+                projections[module] = _Projection(names[module], module, {
+                    s: torch.zeros(delta.shape[0], dtype=torch.bool) for s in _STATES})
+        for state_name, state in zip(_STATES, states):
+            if not (state.requires_grad and inside):
+                continue
+            weights = torch.randn(state.shape, generator=generator).to(state)
+            grads = torch.autograd.grad((state * weights).sum(), [d for _, d in inside], retain_graph=True,
+                                        allow_unused=True)
+            for (module, _), grad in zip(inside, grads):
+                if grad is not None:
+                    projections[module].feeds[state_name] |= (grad != 0).cpu()
+    found = [p for p in projections.values() if p.trained.any()]
+    _refuse_entangled(model_type, calls, projections)
+    if not found:
+        raise ValueError(f"trainable_qk found no query/key projection features of {model_type} that do not also "
+                         "feed the value states")
+    return sorted(found, key=lambda p: p.name)
+
+
+def _refuse_entangled(model_type: str, calls, projections: Dict[torch.nn.Module, _Projection]) -> None:
+    """A layer whose query or key features all feed its values too cannot train W_Q / W_K alone."""
+    for attention, *_ in calls:
+        inside = [p for m, p in projections.items() if any(m is x for x in attention.modules())]
+        for state in ("query", "key"):
+            feeding = [p for p in inside if p.feeds[state].any()]
+            if feeding and not any((p.feeds[state] & ~p.feeds["value"]).any() for p in feeding):
+                raise ValueError(
+                    f"trainable_qk cannot train the {state} projection of {model_type}'s {type(attention).__name__}: "
+                    f"every feature of {', '.join(p.name for p in feeding)} that feeds the {state} states also "
+                    "feeds the value states")
+
+
+class _FrozenFeatures(torch.nn.Module):
+    """Parametrization of a weight or bias: the full tensor from its trained output features (the parameter)
+    and its frozen ones (a buffer, never a trained tensor), along `axis`."""
+
+    def __init__(self, full: torch.Tensor, trained: torch.Tensor, axis: int):
+        super().__init__()
+        self.axis = axis
+        index = torch.arange(full.shape[axis], device=full.device)
+        self.register_buffer("trained_index", index[trained.to(full.device)], persistent=False)
+        self.register_buffer("frozen_index", index[~trained.to(full.device)], persistent=False)
+        self.register_buffer("frozen", full.detach().index_select(axis, self.frozen_index).clone())
+
+    def forward(self, trained: torch.Tensor) -> torch.Tensor:
+        shape = list(trained.shape)
+        shape[self.axis] = self.trained_index.numel() + self.frozen_index.numel()
+        full = trained.new_empty(shape).index_copy(self.axis, self.frozen_index, self.frozen.to(trained.dtype))
+        return full.index_copy(self.axis, self.trained_index, trained)
+
+    def right_inverse(self, full: torch.Tensor) -> torch.Tensor:
+        return full.index_select(self.axis, self.trained_index)
+
+
+def _train_features(module: torch.nn.Module, name: str, trained: torch.Tensor) -> List[torch.nn.Parameter]:
+    """Make exactly the `trained` output features of `module` trainable; returns its trained parameters."""
+    if bool(trained.all()):
+        params = [p for _, p in module.named_parameters(recurse=False)]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    axis = _feature_axis(module)
+    if axis is None:
+        raise ValueError(f"trainable_qk cannot split the output features of {name} ({type(module).__name__})")
+    params = []
+    for tensor_name in ("weight", "bias"):
+        tensor = getattr(module, tensor_name, None)
+        if tensor is None:
             continue
-        for fused in _FUSED:
-            if fused in children:
-                found.append((f"{name}.{fused}", children[fused], _value_features(module, fused)))
-    return found
-
-
-def _is_conv1d(module: torch.nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # transformers' GPT-2 layer: weight [in, out]
+        if not parametrize.is_parametrized(module, tensor_name):
+            parametrize.register_parametrization(
+                module, tensor_name, _FrozenFeatures(tensor, trained, axis if tensor_name == "weight" else 0))
+        original = getattr(module.parametrizations, tensor_name).original
+        original.requires_grad_(True)
+        params.append(original)
+    return params
 
 
 def trainable_qk(model: torch.nn.Module, lora=None) -> List[torch.nn.Parameter]:
     """Freeze every parameter of `model` except its query and key projections; return the trained parameters.
 
-    lora: None trains the projections themselves. An int r (or a peft.LoraConfig, whose target_modules is
-    replaced) adds LoRA adapters of rank r on the query/key projections through peft, in place, and trains
-    only those; on a fused QKV projection the adapter's value rows get the same zeroed gradient.
+    Args:
+        model: a transformers PreTrainedModel (any attention implementation whose attention goes through
+            transformers' AttentionInterface, and rotary Falcon).
+        lora: None trains the projections' query/key features themselves. An int r (or a peft.LoraConfig, whose
+            target_modules is replaced) adds peft LoRA adapters of rank r on the query/key projections, in place,
+            and trains only those; on a fused projection the adapter's value rows are frozen the same way.
+
+    Returns:
+        The trained parameters (for the optimizer). Parametrized projections store their trained features as
+        `<projection>.parametrizations.weight.original` (and `.bias.original`).
+
+    Raises:
+        ValueError: no query/key projection found, the model cannot run on probe tokens, or a layer's query or
+        key states cannot be trained without moving its value states. Source: ABFT (arXiv 2505.14233) §3
+        trains W_Q and W_K only.
     """
-    projections = _qk_projections(model)
-    if not projections:
-        raise ValueError(f"found no query/key projections ({', '.join(_SEPARATE + _FUSED)}) in {type(model).__name__}")
+    projections = discover_qk_projections(model)
     for param in model.parameters():
         param.requires_grad_(False)
     if lora is not None:
-        projections = _inject_lora(model, projections, lora)
+        return _train_lora(model, projections, lora)
     trained = []
-    for _, projection, value_features in projections:
-        for param_name, param in projection.named_parameters(recurse=False):
-            param.requires_grad_(True)
-            trained.append(param)
-            if value_features is not None:
-                # Conv1D stores [in, out]; Linear and biases put output features first.
-                dim = 1 if _is_conv1d(projection) and param_name == "weight" else 0
-                param.register_hook(partial(_zero_slice, value_features, dim))
-    if hasattr(model, "enable_input_require_grads"):
-        # Reentrant gradient checkpointing (transformers 4.57's default) drops the gradients of a block whose
-        # inputs do not require grad, which is the case once the embeddings are frozen.
-        model.enable_input_require_grads()
+    for projection in projections:
+        trained += _train_features(projection.module, projection.name, projection.trained)
     return trained
 
 
-def _inject_lora(model, projections, lora):
-    """Wrap each projection in a peft LoRA layer; return its lora_A and lora_B modules as the projections to
-    train, lora_B with the value features of a fused projection."""
+def _train_lora(model, projections: List[_Projection], lora) -> List[torch.nn.Parameter]:
+    """Wrap each projection in a peft LoRA layer and train its adapters; lora_B (output features first) keeps
+    the projection's non-query/key features frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = [name for name, _, _ in projections]
+    names = [p.name for p in projections]
     if isinstance(lora, int) and not isinstance(lora, bool) and lora > 0:
         config = LoraConfig(r=lora, target_modules=names,
-                            fan_in_fan_out=any(_is_conv1d(module) for _, module, _ in projections))
+                            fan_in_fan_out=any(_feature_axis(p.module) == 1 for p in projections))
     elif isinstance(lora, LoraConfig):
         config = dataclasses.replace(lora, target_modules=names)
     else:
@@ -123,11 +263,11 @@ def _inject_lora(model, projections, lora):
     for param in model.parameters():
         param.requires_grad_(False)
     modules = dict(model.named_modules())
-    adapters = []
-    for name, _, value_features in projections:
-        layer = modules[name]
-        for adapter_name in layer.active_adapters:
-            adapters.append((f"{name}.lora_A", layer.lora_A[adapter_name], None))
-            # lora_B is a Linear(r, out_features): its output rows follow the fused projection's features.
-            adapters.append((f"{name}.lora_B", layer.lora_B[adapter_name], value_features))
-    return adapters
+    trained = []
+    for projection in projections:
+        layer = modules[projection.name]
+        for adapter in layer.active_adapters:
+            trained += _train_features(layer.lora_A[adapter], f"{projection.name}.lora_A",
+                                       torch.ones(layer.lora_A[adapter].out_features, dtype=torch.bool))
+            trained += _train_features(layer.lora_B[adapter], f"{projection.name}.lora_B", projection.trained)
+    return trained

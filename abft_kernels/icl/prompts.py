@@ -48,13 +48,24 @@ class PromptBuilder:
         return start, start + len(word)
 
     def _label_token_id(self, label: int) -> int:
-        """The one token that class `label`'s word becomes after the label prefix, in context."""
+        """The one token that class `label`'s word becomes after the label prefix, in context: the token that
+        directly follows the prefix's tokens, as the read-out at the query's last token needs."""
         text = self.template.demonstration("a", label)
-        positions, ids = self._tokens_covering(text, [self._label_span(text, label)])
+        start, end = self._label_span(text, label)
+        positions, ids = self._tokens_covering(text, [(start, end)])
+        word = self.template.label_words[label]
         if positions[0] is None:
-            word = self.template.label_words[label]
             raise ValueError(f"label word {word!r} is not a single token for this tokenizer; choose label words "
                              f"that are (e.g. check tokenizer.encode(' {word}'))")
+        full = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prefix = self.tokenizer(text[:start - 1], add_special_tokens=False)["input_ids"]
+        if full[:len(prefix)] != prefix or full[len(prefix):len(prefix) + 1] != [ids[positions[0]]]:
+            between = self.tokenizer.convert_ids_to_tokens(full[len(prefix):len(prefix) + 2])
+            raise ValueError(
+                f"label word {word!r}: after {self.template.label_prefix!r} this tokenizer gives {between}, so the "
+                "token the model predicts after a prompt is not the label word's token (e.g. SentencePiece/Metaspace "
+                "tokenizers make the leading space a separate token); choose label words that are one token "
+                f"together with their leading space (check tokenizer.tokenize('{self.template.label_prefix} {word}'))")
         return ids[positions[0]]
 
     def _tokens_covering(self, text: str, spans):

@@ -6,7 +6,7 @@ from .validation import validate_label_attention_args
 
 
 def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,
-                    key_padding_mask=None, backend="auto", sinks=None):
+                    key_padding_mask=None, backend="auto", sinks=None, _check_values: bool = True):
     """Attention output and the attention mass on each label class, without forming the N x N scores.
 
     For every query row i of every head, with S = scale·q·kᵀ (+ the mask) and P = softmax(S) over the keys i sees::
@@ -63,9 +63,12 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
             outside [-1, C) or rows outside [-1, N); sinks that are not a finite float [Hq]; an unknown backend; a
             backend that is unavailable here or cannot take these arguments (its reason is given; "auto" only
             raises when none can).
+
+    _check_values (private): False skips the checks that read tensor contents (one host sync), for
+    abft_kernels.hf, which checks a LabelSpec's values once per model call instead of once per layer.
     """
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
-                                         key_padding_mask, sinks)
+                                         key_padding_mask, sinks, check_values=_check_values)
     module, _ = choose_backend(backend, args)
     return module.label_attention(args)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -47,10 +47,37 @@ def _check_integer(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
 
+def index_value_flags(key_class: torch.Tensor, num_classes: int, query_rows: Optional[torch.Tensor],
+                      seq_len: int) -> List[torch.Tensor]:
+    """Bool scalars on the tensors' device, True where a value is out of range: [key_class] or [key_class,
+    query_rows]. Stack them with other flags to read everything in one host sync."""
+    flags = [((key_class < -1) | (key_class >= num_classes)).any()]
+    if query_rows is not None:
+        flags.append(((query_rows < -1) | (query_rows >= seq_len)).any())
+    return flags
+
+
+def raise_for_index_values(flags: Sequence[bool], key_class: torch.Tensor, num_classes: int,
+                           query_rows: Optional[torch.Tensor], seq_len: int) -> None:
+    """ValueError for the first True flag of index_value_flags (read on the host)."""
+    if flags[0]:
+        lo, hi = int(key_class.min()), int(key_class.max())
+        raise ValueError(
+            f"key_class values must be -1 (not a label) or in [0, num_classes={num_classes}), got range [{lo}, {hi}]")
+    if query_rows is not None and flags[1]:
+        lo, hi = int(query_rows.min()), int(query_rows.max())
+        raise ValueError(f"query_rows values must be -1 (empty slot) or in [0, N={seq_len}), got range [{lo}, {hi}]")
+
+
 def validate_label_attention_args(
     q, k, v, key_class, num_classes, query_rows, causal, scale, key_padding_mask, sinks=None,
+    check_values: bool = True,
 ) -> LabelAttentionArgs:
-    """Check label_attention's arguments (see its docstring) and normalise them; one host sync for the value checks.
+    """Check label_attention's arguments (see its docstring) and normalise them.
+
+    check_values=False skips the checks that read tensor contents (class ids and rows in range, sinks finite: one
+    host sync), for callers that ran index_value_flags/raise_for_index_values already (abft_kernels.hf checks a
+    LabelSpec once per model call instead of once per layer).
 
     Raises:
         ValueError: naming the first argument that is wrong and what was expected.
@@ -114,22 +141,14 @@ def validate_label_attention_args(
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
-    # Value checks (one host sync): class ids and row indices must be in range, sinks finite.
-    bad_class = (key_class < -1) | (key_class >= num_classes)
-    no = bad_class.new_zeros(())
-    checks = [bad_class.any(),
-              no if query_rows is None else ((query_rows < -1) | (query_rows >= seq_len)).any(),
-              no if sinks is None else ~torch.isfinite(sinks.detach()).all()]
-    flags = torch.stack(checks).tolist()
-    if flags[0]:
-        lo, hi = int(key_class.min()), int(key_class.max())
-        raise ValueError(
-            f"key_class values must be -1 (not a label) or in [0, num_classes={num_classes}), got range [{lo}, {hi}]")
-    if flags[1]:
-        lo, hi = int(query_rows.min()), int(query_rows.max())
-        raise ValueError(f"query_rows values must be -1 (empty slot) or in [0, N={seq_len}), got range [{lo}, {hi}]")
-    if flags[2]:
-        raise ValueError(f"sinks must be finite, got {sinks.detach().cpu().tolist()}")
+    if check_values:  # one host sync
+        flags = index_value_flags(key_class, num_classes, query_rows, seq_len)
+        if sinks is not None:
+            flags.append(~torch.isfinite(sinks.detach()).all())
+        flags = torch.stack(flags).tolist()
+        raise_for_index_values(flags, key_class, num_classes, query_rows, seq_len)
+        if sinks is not None and flags[-1]:
+            raise ValueError(f"sinks must be finite, got {sinks.detach().cpu().tolist()}")
 
     return LabelAttentionArgs(
         q=q, k=k, v=v, key_class=key_class.long(), num_classes=num_classes,
