@@ -91,7 +91,7 @@ def load_staicc(name: str, root: Union[str, Path]) -> StaICCTask:
         raise ValueError(f"staicc root {str(root)!r} has no {SPLITS_FILE}")
     datasets = json.loads(splits_path.read_text(encoding="utf-8"))["datasets"]
     key = name[len(STAICC_PREFIX):] if is_staicc_source(name) else name
-    matches = [n for n, d in datasets.items() if key.lower() in (n.lower(), str(d.get("paper_name")).lower())]
+    matches = [n for n, d in datasets.items() if key.lower() in (n.lower(), (d.get("paper_name") or n).lower())]
     if not matches:
         names = sorted(set(datasets) | {d["paper_name"] for d in datasets.values() if d.get("paper_name")})
         raise ValueError(f"dataset {key!r} is not in {splits_path}; known: {names}")
