@@ -14,8 +14,9 @@ from pathlib import Path
 
 from abft_kernels.icl import PROMPT_STYLES, Example, PromptBuilder, load_staicc, staicc_prompts
 
-STAICC_DOC_EXAMPLE = ("review: thoughtful , provocative and entertaining . sentiment: positive\nreview: don't be fooled "
-                      "by the impressive cast list - eye see you is pure junk . sentiment: negative\nreview:  sentiment: ")
+STAICC_DOC_EXAMPLE = ("review: thoughtful , provocative and entertaining . sentiment: positive\n"
+                      "review: don't be fooled by the impressive cast list - eye see you is pure junk . "
+                      "sentiment: negative\nreview:  sentiment: ")
 
 
 def readme_prompt(spec: dict, rows: list, demo_rows: list, test_row: int) -> str:

@@ -24,7 +24,8 @@ def setup():
 
 
 def oracle_probs(model, prompts, label_ids):
-    """float64 [P, C]: softmax over the label tokens of each prompt's last-token logits, one unpadded prompt at a time."""
+    """float64 [P, C]: softmax over the label tokens of each prompt's last-token logits, one unpadded prompt at a
+    time."""
     with torch.no_grad():
         return torch.stack([model(torch.tensor([p.input_ids])).logits[0, -1, label_ids].double().softmax(-1)
                             for p in prompts])

@@ -45,7 +45,7 @@ def test_staicc_style_reads_the_bare_words_last_token(tokenizer, name):
         assert tokenizer.convert_ids_to_tokens(builder.label_token_ids) == ["anger", "joy", "positive", "ad"]
     prompt = builder.build([Example("a fine day", 1), Example("so so", 0)], Example("what now", 0))
     tokens = [tokenizer.decode([i]) for i in prompt.input_ids]
-    assert tokens[prompt.query_row] == " " and tokens[prompt.query_row - 1] == ":"  # the trailing space is the query row
+    assert tokens[prompt.query_row] == " " and tokens[prompt.query_row - 1] == ":"  # the query row: trailing space
     assert [tokens[i] for i in prompt.label_positions] == [f" {template.label_words[c]}" for c in (1, 0)]
 
 

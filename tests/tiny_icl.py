@@ -19,7 +19,8 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    pieces = ["[UNK]", "<pad>", ":", "Ġ", "Ċ", "ĉ", "Ġ:", "[", "]", "MASK", "Ġ[", "Ġ.", ".", "Ġmeh"]  # "meh" only spaced
+    pieces = ["[UNK]", "<pad>", ":", "Ġ", "Ċ", "ĉ", "Ġ:", "[", "]", "MASK", "Ġ[", "Ġ.", ".",
+              "Ġmeh"]  # "meh" only after a space
     pieces += [p for w in WORDS for p in (w, "Ġ" + w)]
     vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
