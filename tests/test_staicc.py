@@ -120,6 +120,8 @@ def test_load_staicc_splits_and_prompt_bytes(tmp_path, tokenizer):
 
 
 def test_load_staicc_refuses_inconsistent_files(tmp_path):
+    with pytest.raises(ValueError, match="needs the folder of StaICC's exported data"):
+        load_staicc("staicc:mr", None)
     with pytest.raises(ValueError, match="has no splits.json"):
         load_staicc("tiny_set", tmp_path)
     root = make_root(tmp_path)

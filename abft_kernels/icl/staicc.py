@@ -63,7 +63,7 @@ def staicc_template(template: dict, label_space: Sequence[str]) -> Template:
                     query_prefix=template["query_prefix"])
 
 
-def load_staicc(name: str, root: Union[str, Path]) -> StaICCTask:
+def load_staicc(name: str, root: Optional[Union[str, Path]]) -> StaICCTask:
     """Load StaICC's standard-ICL benchmark for one dataset from the exported folder `root`.
 
     Args:
@@ -79,12 +79,14 @@ def load_staicc(name: str, root: Union[str, Path]) -> StaICCTask:
         stored (not stripped), so that prompts are StaICC's bytes.
 
     Raises:
-        ValueError: a missing file, an unknown dataset, or files that contradict each other (row indices out of
+        ValueError: no root, a missing file, an unknown dataset, or files that contradict each other (row indices out of
             range, demo_rows that are not the demonstration split's rows at demo_pos, a prompt order that is not
             test position j mod n_test, a non-identity label mapping, noisy-channel or wrong-label settings).
 
     Source: StaICC `Normal` (k=4) benchmark, hc495/StaICC commit 9d13532 (the export's README.md).
     """
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs the folder of StaICC's exported data (--staicc-root)")
     root = Path(root)
     splits_path = root / SPLITS_FILE
     if not splits_path.is_file():
