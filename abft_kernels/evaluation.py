@@ -47,6 +47,51 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def query_label_logits(model, batch, label_ids: torch.Tensor, **model_kwargs):
+    """The paper's read-out for one collated batch: the query row's next-token logits over the label tokens.
+
+    Args:
+        model: an HF causal LM.
+        batch: from `ICLCollator` (on the model's device): input_ids, attention_mask [B,N]; query_rows [B,1].
+        label_ids: int64 [C], the read-out token of each class.
+        **model_kwargs: passed on to the model call (e.g. abft=LabelSpec, output_attentions=True).
+
+    Returns:
+        (logits [B,C] in the model's dtype, the model's output).
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=batch["query_rows"], **model_kwargs)
+    return out.logits[:, 0, label_ids], out
+
+
+@torch.no_grad()
+def label_logits(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int], pad_token_id: int,
+                 batch_size: int = 16, progress: bool = False, desc: str = "label logits") -> torch.Tensor:
+    """The read-out logits of every prompt (the same forward as `evaluate`, plain attention, no label masses).
+
+    Args:
+        model: an HF causal LM.
+        prompts: P prompts; their query row is the last token.
+        label_token_ids: C read-out token ids, in class order.
+        pad_token_id: right padding of the batches.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        float32 [P, C] on the CPU: the query row's next-token logits over the label tokens.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    collate = ICLCollator(pad_token_id)
+    label_ids = torch.tensor(label_token_ids, device=device)
+    rows = []
+    for first in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        batch = {k: v.to(device) for k, v in collate(prompts[first:first + batch_size]).items()}
+        rows.append(query_label_logits(model, batch, label_ids)[0].float().cpu())
+    model.train(was_training)
+    return torch.cat(rows) if rows else torch.zeros(0, len(label_token_ids))
+
+
 @torch.no_grad()
 def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int], pad_token_id: int,
              batch_size: int = 16, progress: bool = True, desc: str = "eval") -> EvalResult:
@@ -65,9 +110,8 @@ def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int]
     for first in tqdm(batches, desc=desc, disable=not progress):
         batch = {k: v.to(device) for k, v in collate(prompts[first:first + batch_size]).items()}
         spec = LabelSpec(batch["key_class"], batch["query_rows"], num_classes)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], abft=spec,
-                    output_attentions=True, use_cache=False, logits_to_keep=batch["query_rows"])
-        prediction = out.logits[:, 0, label_ids].argmax(-1)
+        logits, out = query_label_logits(model, batch, label_ids, abft=spec, output_attentions=True)
+        prediction = logits.argmax(-1)
         predictions += prediction.tolist()
         correct += int((prediction == batch["target_class"][:, 0]).sum())
         _, info = abft_loss(list(out.attentions), batch["target_class"], batch["key_class"], batch["query_rows"],

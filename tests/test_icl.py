@@ -33,6 +33,29 @@ def test_paper_label_words_are_single_tokens_with_a_leading_space(tokenizer, nam
     assert [tokenizer.decode([i]) for i in builder.label_token_ids] == [f" {w}" for w in template.label_words]
 
 
+@pytest.mark.parametrize("name", sorted(PAPER_TASKS))
+def test_staicc_style_reads_the_bare_words_last_token(tokenizer, name):
+    """StaICC reads tokenizer(word).input_ids[-1]: on SmolLM2 "sad" -> "s", "ad" and "hate" -> "h", "ate" read their
+    last piece; the demonstrations still carry the word as one token with its leading space."""
+    template = PAPER_TASKS[name].template
+    builder = PromptBuilder(tokenizer, template, style="staicc")
+    assert builder.label_token_ids == [tokenizer(w)["input_ids"][-1] for w in template.label_words]
+    assert [tokenizer.decode([i]) for i in builder.demonstration_token_ids] == [f" {w}" for w in template.label_words]
+    if name == "tee":
+        assert tokenizer.convert_ids_to_tokens(builder.label_token_ids) == ["anger", "joy", "positive", "ad"]
+    prompt = builder.build([Example("a fine day", 1), Example("so so", 0)], Example("what now", 0))
+    tokens = [tokenizer.decode([i]) for i in prompt.input_ids]
+    assert tokens[prompt.query_row] == " " and tokens[prompt.query_row - 1] == ":"  # the query row: trailing space
+    assert [tokens[i] for i in prompt.label_positions] == [f" {template.label_words[c]}" for c in (1, 0)]
+
+
+def test_staicc_style_refuses_words_that_share_a_read_out_token(tokenizer):
+    template = Template("review: ", "sentiment:", ("sad", "glad"))  # bare: "s" "ad" and "gl" "ad"
+    assert len(set(PromptBuilder(tokenizer, template, style="space-on-label").label_token_ids)) == 2
+    with pytest.raises(ValueError, match=r"label words \['sad', 'glad'\] map to the same read-out token 'ad'"):
+        PromptBuilder(tokenizer, template, style="staicc")
+
+
 def test_prompt_label_positions_and_classes_token_by_token(tokenizer, sentiment):
     builder = PromptBuilder(tokenizer, sentiment.template)
     demos = [sentiment.train[i] for i in range(6)]

@@ -1,11 +1,14 @@
 """Prompt templates and label words of the paper's eight datasets, as StaICC builds them.
 
-StaICC (Cho et al., arXiv 2501.15708) writes a demonstration as
-`<input_prefix><text> <label_prefix><label word>\n` and ends the prompt with the query's
-`<input_prefix><text> <label_prefix>`. Here `label_prefix` is stored without its trailing space: the
-space belongs to the label token (" positive"), so every label word is one token and the model
-predicts it as the next token after the query's "sentiment:". The label words are StaICC's
-reduced label spaces (one short word per class).
+StaICC (Cho et al., arXiv 2501.15708; hc495/StaICC, `prompt_writter.write_prompt_from_dataline`) writes
+`<instruction>`, then per demonstration `<input prefix><text><input affix><label prefix><label word><label affix>`,
+then `<query prefix><input prefix><query text><input affix><label prefix>`, with the label prefix ending in a
+space (`"sentiment: "`) and bare label words (`"positive"`). Here `label_prefix` is stored without that
+trailing space (`"sentiment:"`) and `demonstration()` writes it back before the label word, so the
+demonstrations are StaICC's bytes; `query()` ends at the label prefix without the space, and the prompt
+style (`PromptBuilder(style=...)`) decides whether the space follows (StaICC's default) or not (the label
+token then carries the leading space: " positive"). The label words are StaICC's reduced label spaces
+(one short word per class).
 """
 from __future__ import annotations
 
@@ -18,15 +21,20 @@ class Template:
     """How one classification dataset becomes ICL prompts. Class id i is written as label_words[i]."""
 
     input_prefix: str  # "review: "
-    label_prefix: str  # "sentiment:" (the label token carries the leading space)
+    label_prefix: str  # "sentiment:", without the space that separates it from the label word
     label_words: Tuple[str, ...]  # one word per class id, no leading space
     instruction: str = ""  # text before the first demonstration
+    input_affix: str = " "  # between the input text and the label prefix
+    label_affix: str = "\n"  # after each demonstration's label word
+    query_prefix: str = ""  # before the query's input prefix
 
     def demonstration(self, text: str, label: int) -> str:
-        return f"{self.input_prefix}{text} {self.label_prefix} {self.label_words[label]}\n"
+        return (f"{self.input_prefix}{text}{self.input_affix}{self.label_prefix} {self.label_words[label]}"
+                f"{self.label_affix}")
 
     def query(self, text: str) -> str:
-        return f"{self.input_prefix}{text} {self.label_prefix}"
+        """The query up to its label prefix, without the prefix's trailing space (the prompt style adds it)."""
+        return f"{self.query_prefix}{self.input_prefix}{text}{self.input_affix}{self.label_prefix}"
 
     @property
     def num_classes(self) -> int:
