@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .ops.masks import label_one_hot
+from .settings import PAPER
 
 
 @dataclass
@@ -79,14 +80,32 @@ def visible_label_counts(key_class, num_classes, rows, key_padding_mask=None, ca
 
 
 def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class, key_class, query_rows=None,
-              A: Union[float, torch.Tensor] = 0.5, B: Union[float, torch.Tensor] = 1.0,
-              key_padding_mask=None, causal: bool = True):
+              A: Union[float, torch.Tensor] = PAPER.A0, B: Union[float, torch.Tensor] = PAPER.B,
+              key_padding_mask=None, causal: bool = True, count_all_heads: bool = False):
     """ABFT loss summed over layers and heads, averaged over the (sample, row) pairs with a target.
 
     For each (layer, sample, head, row): S = sum_c mass[c]; the head counts when S > T with
     T = k / (k + ln n_t) (k label tokens visible to the row, n_t real tokens up to it); a counted head
     adds A·(S − m_y) + B·(n_y − m_y), where y = target_class[b, r], m_y its mass and n_y its number of
-    visible label tokens. target_class [B,R] int, -1 = ignore the row. Returns (loss, ABFTLossInfo).
+    visible label tokens (paper, section 4: the loss on induction heads, and its filter).
+
+    Args:
+        masses: L layers' label masses, a [L,B,H,R,C] tensor or a sequence of [B,H,R,C] floating tensors
+            (from `label_attention` or the "abft" attention's `outputs.attentions`).
+        target_class: int [B,R], the gold class of each row, -1 = ignore the row.
+        key_class: int [B,N], the class of each key's label token, -1 = not a label.
+        query_rows: int [B,R], the row of each mass slot, -1 = empty slot; None = every row (R = N).
+        A, B: weights of the wrong-label and gold-label terms (floats or 0-d tensors; paper: 0.5 and 1).
+        key_padding_mask: bool [B,N], True = real token (padding is neither counted in n_t nor a label).
+        causal: whether a row sees only the keys up to it (for the label counts k, n_y and n_t).
+        count_all_heads: ablation: every head of a target row adds its term, without the filter S > T
+            (info.counted still reports the filter).
+
+    Returns:
+        (loss, info): a 0-d tensor in the masses' dtype (0 when no row has a target), and ABFTLossInfo.
+
+    Raises:
+        ValueError: on shapes, dtypes, devices or values (classes, rows) outside the above.
     """
     mass = _stack_masses(masses)
     _, batch, _, num_rows, num_classes = mass.shape
@@ -142,9 +161,10 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
     gold_mass = mass.gather(-1, gold_index).squeeze(-1)  # m_y
     gold_count = n_c.gather(-1, target[:, :, None]).squeeze(-1).to(mass.dtype)  # n_y [B,R]
     counted = (label_mass.detach() > threshold[None, :, None, :]) & has_target[None, :, None, :]
+    in_loss = has_target[None, :, None, :].expand_as(counted) if count_all_heads else counted
 
     per_head = A * (label_mass - gold_mass) + B * (gold_count[None, :, None, :] - gold_mass)
-    loss = torch.where(counted, per_head, torch.zeros_like(per_head)).sum() / max(num_target_rows, 1)
+    loss = torch.where(in_loss, per_head, torch.zeros_like(per_head)).sum() / max(num_target_rows, 1)
 
     rows_per_sample = has_target.sum(1).clamp(min=1).to(mass.dtype)
     info = ABFTLossInfo(
@@ -156,18 +176,26 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
 
 
 class PIDController:
-    """Steers A from the mean number of counted heads n_t at step t = 1, 2, ... (paper's constants):
+    """The paper's controller of A (Cho et al., arXiv 2505.14233, section 4.3 and Fig. 5): from the mean number of
+    counted heads n_t at step t = 1, 2, ...,
     A_t = A_{t-1} + Cp(n_t − n_{t−1}) + Ci(n_t − n_1) + Cd(n_t − 2n_{t−1} + n_{t−2}) for t > 2, A_1 = A_2 = A0.
+
+    Summed up, A_t = A0 + Cp(n_t − n_2) + Ci Σ_{s=3..t}(n_s − n_1) + Cd((n_t − n_{t−1}) − (n_2 − n_1)): the integral
+    term holds the count at the first step's n_1, and A is not bounded (it can turn negative).
+
+    Args:
+        A0: the initial A (paper: 0.5). kp, ki, kd: Cp, Ci, Cd (paper: 0.03, 0.005, 0.005), in A per counted head.
 
     Call update(n_t) after step t's forward; the returned A_t is the coefficient for the next step.
     """
 
-    def __init__(self, A0: float = 0.5, kp: float = 0.03, ki: float = 0.005, kd: float = 0.005):
+    def __init__(self, A0: float = PAPER.A0, kp: float = PAPER.kp, ki: float = PAPER.ki, kd: float = PAPER.kd):
         self.A0, self.kp, self.ki, self.kd = float(A0), float(kp), float(ki), float(kd)
         self.A = self.A0
         self.history: List[float] = []
 
     def update(self, counted_heads: float) -> float:
+        """Record n_t (float, counted heads per prompt at step t) and return A_{t+1}."""
         n = self.history
         n.append(float(counted_heads))
         if len(n) > 2:
@@ -181,3 +209,23 @@ class PIDController:
     def load_state_dict(self, state: dict) -> None:
         self.A0, self.kp, self.ki, self.kd = state["A0"], state["kp"], state["ki"], state["kd"]
         self.A, self.history = state["A"], list(state["history"])
+
+
+class FixedA(PIDController):
+    """A stays A0 whatever the count (the no-PID ablation); records the counts like the PID."""
+
+    def __init__(self, A0: float = PAPER.A0):
+        super().__init__(A0, 0.0, 0.0, 0.0)
+
+
+def make_controller(settings=PAPER) -> PIDController:
+    """The controller of A that `settings.controller` names ("paper", "fixed"), with its A0 and gains.
+
+    Raises:
+        ValueError: an unknown controller name.
+    """
+    if settings.controller == "paper":
+        return PIDController(settings.A0, settings.kp, settings.ki, settings.kd)
+    if settings.controller == "fixed":
+        return FixedA(settings.A0)
+    raise ValueError(f"controller must be one of 'paper', 'fixed', got {settings.controller!r}")
