@@ -13,9 +13,6 @@ from typing import Literal, Optional
 
 from .icl.data import DEFAULT_TASK
 
-CONTROLLERS = ("paper", "setpoint", "fixed")
-
-
 def _help(text: str) -> dict:
     return {"help": text}
 
@@ -55,9 +52,8 @@ class ABFTSettings(DataSettings):
 
     Loss per counted head: A·(S − m_y) + B·(n_y − m_y) (`abft_kernels.loss.abft_loss`); A starts at A0 and is
     steered once per optimiser step from the mean number of counted heads by `controller`:
-    "paper" is the paper's PID (`loss.PIDController`, gains kp, ki, kd), "setpoint" the same gains on the
-    error to the first step's count, scaled by lr_ref / lr and with A kept >= 0 (`loss.SetpointController`),
-    "fixed" keeps A = A0 (the no-PID ablation). Ablations: `count_all_heads` (no induction-head filter),
+    "paper" is the paper's PID (`loss.PIDController`, gains kp, ki, kd), "fixed" keeps A = A0 (the no-PID
+    ablation, `loss.FixedA`). Ablations: `count_all_heads` (no induction-head filter),
     A0 = 0 with controller "fixed" (no wrong-label term), B = 0 (no gold-label term).
     """
 
@@ -72,11 +68,8 @@ class ABFTSettings(DataSettings):
     kp: float = field(default=0.03, metadata=_help("PID proportional gain Cp"))
     ki: float = field(default=0.005, metadata=_help("PID integral gain Ci"))
     kd: float = field(default=0.005, metadata=_help("PID derivative gain Cd"))
-    controller: Literal["paper", "setpoint", "fixed"] = field(default="paper", metadata=_help(
-        "how A is steered: paper = the paper's PID; setpoint = PID on the error to the first step's count, "
-        "gains scaled by lr_ref/lr, A >= 0; fixed = A stays A0 (no-PID ablation)"))
-    lr_ref: float = field(default=2e-5, metadata=_help(
-        "learning rate the PID gains were tuned for (controller setpoint scales them by lr_ref/lr)"))
+    controller: Literal["paper", "fixed"] = field(default="paper", metadata=_help(
+        "how A is steered: paper = the paper's PID (gains kp, ki, kd); fixed = A stays A0 (no-PID ablation)"))
     count_all_heads: bool = field(default=False, metadata=_help(
         "ablation: every head adds to the loss, not only those passing the induction filter S > T"))
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (Trainer)"))

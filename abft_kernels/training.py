@@ -110,8 +110,8 @@ def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
     warnings = []
     if collapsed:
         warnings.append(f"the counted heads collapsed: {end:.1f} per prompt at the last step, below a quarter of the "
-                        f"start ({start:.1f}); the loss lost its heads, so 'after' may show no gain (lower --lr, or "
-                        f"--controller setpoint)")
+                        f"start ({start:.1f}); the loss lost its heads, so 'after' may show no gain (README, \"ABFT end to end\": "
+                        f"lower --lr)")
     if exploded:
         warnings.append(f"the counted heads exploded: {end:.1f} per prompt at the last step, above {COUNT_GUARD:g} x "
                         f"the start ({start:.1f}); the controller did not hold the count (lower --lr)")
