@@ -49,7 +49,22 @@ def reset_peak_memory(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int], pad_token_id: int,
              batch_size: int = 16, progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Accuracy and per-(layer, head) label attention of `model` (loaded with attn_implementation="abft")."""
+    """Accuracy and per-(layer, head) label attention of `model` on ICL prompts (paper, section 5: the read-out
+    is the argmax over the label words' next-token logits at the query token).
+
+    Args:
+        model: a causal LM with the "abft" attention (`models.load_model`); put in eval mode for the call.
+        prompts: `icl.ICLPrompt`s, one query row each. label_token_ids: the C label words' token ids, class order.
+        pad_token_id: right-padding id. batch_size: prompts per forward pass (default 16).
+        progress: show a tqdm bar, titled `desc`.
+
+    Returns:
+        EvalResult: accuracy over the prompts, counted heads per prompt (filter S > T), gold-label and label
+        masses per [layer][head] averaged over the prompts, predictions (class ids), seconds, peak memory (MiB).
+
+    Raises:
+        ValueError: from the model's "abft" attention or `abft_loss` when the prompts do not fit the model.
+    """
     device = next(model.parameters()).device
     reset_peak_memory(device)
     was_training = model.training

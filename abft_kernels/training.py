@@ -109,9 +109,9 @@ def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
                   else f"left the band [{band[0]:.1f}, {band[1]:.1f}] (start /{COUNT_BAND:g} .. x{COUNT_BAND:g})"))
     warnings = []
     if collapsed:
-        warnings.append(f"the counted heads collapsed: {end:.1f} per prompt at the last step, below a quarter of the "
-                        f"start ({start:.1f}); the loss lost its heads, so 'after' may show no gain (README, \"ABFT end to end\": "
-                        f"lower --lr)")
+        warnings.append(f"the counted heads collapsed: {end:.1f} per prompt at the last step, below a quarter of "
+                        f"the start ({start:.1f}); the loss lost its heads, so 'after' may show no gain "
+                        f"(README, 'ABFT end to end': lower --lr)")
     if exploded:
         warnings.append(f"the counted heads exploded: {end:.1f} per prompt at the last step, above {COUNT_GUARD:g} x "
                         f"the start ({start:.1f}); the controller did not hold the count (lower --lr)")
@@ -169,10 +169,20 @@ class ABFTProgressCallback(ProgressCallback):
 
 
 class ABFTTrainer(Trainer):
-    """Trainer whose loss is ABFT's; train only what trainable_qk left trainable.
+    """Trainer whose loss is ABFT's (`forward.abft_forward`); trains only what trainable_qk left trainable.
+
+    Args (besides Trainer's):
+        num_classes: C, the number of label classes.
+        settings: `settings.ABFTSettings`; the trainer uses its A0, B, controller, kp, ki, kd and
+            count_all_heads (default: the paper's). The optimiser comes from `args` (`abft_training_arguments`).
+        run_info: written into every saved abft_config.json (base model, split settings, ...).
 
     The data collator must produce input_ids, attention_mask, key_class, query_rows and target_class
-    (`abft_kernels.icl.ICLCollator`). `run_info` is written into every saved abft_config.json.
+    (`abft_kernels.icl.ICLCollator`). Each optimiser step logs abft_loss, counted_heads, gold_mass, A (used in
+    the step) and next_A into `state.log_history` (paper, Fig. 5).
+
+    Raises:
+        ValueError: the model has no trainable parameter; an unknown settings.controller.
     """
 
     loss_is_scaled_for_ga = False  # abft_loss is a per-batch mean: the Trainer divides by the accumulation
