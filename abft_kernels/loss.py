@@ -218,8 +218,53 @@ class FixedA(PIDController):
         super().__init__(A0, 0.0, 0.0, 0.0)
 
 
+class SetpointController(PIDController):
+    """An option beside the paper's PID for learning rates far above the paper's (not the paper's method):
+    the same gains, scaled by `scale` (= lr_ref / lr: the paper's gains were set for its lr), on the error to the
+    first step's count, e_t = n_t − n_1, in positional form, with A kept >= 0:
+    A_t = max(0, A0 + scale·(Cp·e_t + Ci·Σ_{s<=t} e_s + Cd·(e_t − e_{t−1}))); the sum stops growing while A is held
+    at 0 (no wind-up below). Call update(n_t) after step t; it returns A_{t+1}.
+
+    Args:
+        A0, kp, ki, kd: as PIDController. scale: factor on the three gains (float > 0).
+
+    Raises:
+        ValueError: scale <= 0.
+    """
+
+    def __init__(self, A0: float = PAPER.A0, kp: float = PAPER.kp, ki: float = PAPER.ki, kd: float = PAPER.kd,
+                 scale: float = 1.0):
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        super().__init__(A0, kp * scale, ki * scale, kd * scale)
+        self.integral = 0.0
+
+    def update(self, counted_heads: float) -> float:
+        n = self.history
+        n.append(float(counted_heads))
+        error = n[-1] - n[0]
+        previous = n[-2] - n[0] if len(n) > 1 else 0.0
+        integral = self.integral + error
+        A = self.A0 + self.kp * error + self.ki * integral + self.kd * (error - previous)
+        if A >= 0:
+            self.integral = integral
+        self.A = max(A, 0.0)
+        return self.A
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "integral": self.integral}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.integral = state["integral"]
+
+
 def make_controller(settings=PAPER) -> PIDController:
-    """The controller of A that `settings.controller` names ("paper", "fixed"), with its A0 and gains.
+    """The controller of A that `settings.controller` names, with its A0 and gains: "paper" (PIDController),
+    "fixed" (FixedA) or "setpoint" (SetpointController, gains scaled by PAPER.lr / settings.lr).
+
+    Args:
+        settings: a `settings.ABFTSettings` (controller, A0, kp, ki, kd, lr).
 
     Raises:
         ValueError: an unknown controller name.
@@ -228,4 +273,6 @@ def make_controller(settings=PAPER) -> PIDController:
         return PIDController(settings.A0, settings.kp, settings.ki, settings.kd)
     if settings.controller == "fixed":
         return FixedA(settings.A0)
-    raise ValueError(f"controller must be one of 'paper', 'fixed', got {settings.controller!r}")
+    if settings.controller == "setpoint":
+        return SetpointController(settings.A0, settings.kp, settings.ki, settings.kd, scale=PAPER.lr / settings.lr)
+    raise ValueError(f"controller must be one of 'paper', 'fixed', 'setpoint', got {settings.controller!r}")

@@ -53,7 +53,8 @@ class ABFTSettings(DataSettings):
     Loss per counted head: A·(S − m_y) + B·(n_y − m_y) (`abft_kernels.loss.abft_loss`); A starts at A0 and is
     steered once per optimiser step from the mean number of counted heads by `controller`:
     "paper" is the paper's PID (`loss.PIDController`, gains kp, ki, kd), "fixed" keeps A = A0 (the no-PID
-    ablation, `loss.FixedA`). Ablations: `count_all_heads` (no induction-head filter),
+    ablation, `loss.FixedA`), "setpoint" is an option for learning rates far above the paper's: the same gains
+    scaled by PAPER.lr / lr on the error to the first step's count, with A kept >= 0 (`loss.SetpointController`). Ablations: `count_all_heads` (no induction-head filter),
     A0 = 0 with controller "fixed" (no wrong-label term), B = 0 (no gold-label term).
     """
 
@@ -68,8 +69,9 @@ class ABFTSettings(DataSettings):
     kp: float = field(default=0.03, metadata=_help("PID proportional gain Cp"))
     ki: float = field(default=0.005, metadata=_help("PID integral gain Ci"))
     kd: float = field(default=0.005, metadata=_help("PID derivative gain Cd"))
-    controller: Literal["paper", "fixed"] = field(default="paper", metadata=_help(
-        "how A is steered: paper = the paper's PID (gains kp, ki, kd); fixed = A stays A0 (no-PID ablation)"))
+    controller: Literal["paper", "fixed", "setpoint"] = field(default="paper", metadata=_help(
+        "how A is steered: paper = the paper's PID (gains kp, ki, kd); fixed = A stays A0 (no-PID ablation); "
+        "setpoint = the gains scaled by 2e-5/lr on the error to the first step's count, A >= 0"))
     count_all_heads: bool = field(default=False, metadata=_help(
         "ablation: every head adds to the loss, not only those passing the induction filter S > T"))
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (Trainer)"))

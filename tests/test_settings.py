@@ -5,7 +5,7 @@ from dataclasses import fields, replace
 import pytest
 
 from abft_kernels.cli import build_parser
-from abft_kernels.loss import FixedA, PIDController, make_controller
+from abft_kernels.loss import FixedA, PIDController, SetpointController, make_controller
 from abft_kernels.settings import (DEMO, PAPER, QUICK, SPLIT_SETTINGS, ABFTSettings, DataSettings, data_settings,
                                    given_settings)
 from abft_kernels.training import count_check
@@ -53,6 +53,7 @@ def test_eval_has_no_training_options_and_choices_are_checked():
         build_parser().parse_args(["eval", "--lr", "1e-3"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--controller", "pd"])
+    assert build_parser().parse_args(["train", "--controller", "setpoint"]).controller == "setpoint"
 
 
 def test_held_out_settings_take_the_runs_split_and_refuse_other_ones():
@@ -76,6 +77,25 @@ def test_controllers():
     assert fixed.history == [10, 40, 80, 5]
     with pytest.raises(ValueError, match="controller"):
         make_controller(replace(PAPER, controller="pd"))
+
+
+def test_setpoint_controller_hand_computed():
+    # at the paper's lr the gains are the paper's: A = 0.5 + 0.03·e + 0.005·Σe + 0.005·Δe, e = n − n_1
+    pid = make_controller(replace(PAPER, controller="setpoint"))
+    assert isinstance(pid, SetpointController) and pid.update(10) == 0.5
+    assert pid.update(20) == pytest.approx(0.5 + 0.3 + 0.05 + 0.05)
+    assert pid.update(14) == pytest.approx(0.5 + 0.12 + 0.005 * 14 + 0.005 * (4 - 10))
+    # far below the start A would turn negative: held at 0, and the sum stops growing
+    assert pid.update(-100) == 0.0 and pid.integral == 14
+    restored = SetpointController()
+    restored.load_state_dict(pid.state_dict())
+    assert restored.update(12) == pytest.approx(pid.update(12))
+    # 25 x the paper's lr: gains / 25
+    fast = make_controller(replace(PAPER, controller="setpoint", lr=5e-4))
+    fast.update(10)
+    assert fast.update(20) == pytest.approx(0.5 + (0.3 + 0.05 + 0.05) / 25)
+    with pytest.raises(ValueError, match="scale"):
+        SetpointController(scale=0)
 
 
 def log(*counts):
