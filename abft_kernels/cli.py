@@ -52,9 +52,14 @@ def run_bench(args: argparse.Namespace) -> None:
     run_benchmarks(args.bench_args)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The `abft` parser: example, demo, train, eval (their settings options generated from
+    `abft_kernels.settings` by transformers' HfArgumentParser) and bench."""
+    from transformers import HfArgumentParser
+
     parser = argparse.ArgumentParser(prog="abft", description="Attention Behavior Fine-Tuning kernels and tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # train/eval/demo: options generated from the settings dataclass (abft_kernels.settings), as for TrainingArguments.
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     example = commands.add_parser("example", help="label masses and the ABFT loss on a tiny random problem")
     example.add_argument("--backend", default="auto")
     example.add_argument("--seed", type=int, default=0)
@@ -63,12 +68,17 @@ def main(argv=None) -> None:
             ("demo", workflow.run_demo, "ABFT end to end on the built-in offline model and data: before/after table"),
             ("train", workflow.run_train, "ABFT training of W_Q/W_K on a model and dataset"),
             ("eval", workflow.run_eval, "ICL accuracy and label attention, before and after --weights")):
-        command = commands.add_parser(name, help=help_text)
-        workflow.add_arguments(command, name)
+        command = commands.add_parser(name, help=help_text, dataclass_types=[workflow.SETTINGS_TYPE[name]])
+        workflow.configure_parser(command, name)
         command.set_defaults(func=run)
     bench = commands.add_parser("bench", add_help=False,
                                 help="benchmark suite (source checkout); options as python -m benchmarks.run --help")
     bench.set_defaults(func=run_bench)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = unknown  # every option after `bench` belongs to the benchmark runner

@@ -17,9 +17,8 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .hf import LabelSpec
+from .forward import abft_forward
 from .icl.prompts import ICLCollator, ICLPrompt
-from .loss import abft_loss
 
 
 @dataclass
@@ -95,7 +94,22 @@ def label_logits(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[
 @torch.no_grad()
 def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int], pad_token_id: int,
              batch_size: int = 16, progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Accuracy and per-(layer, head) label attention of `model` (loaded with attn_implementation="abft")."""
+    """Accuracy and per-(layer, head) label attention of `model` on ICL prompts (paper, section 5: the read-out
+    is the argmax over the label words' next-token logits at the query token).
+
+    Args:
+        model: a causal LM with the "abft" attention (`models.load_model`); put in eval mode for the call.
+        prompts: `icl.ICLPrompt`s, one query row each. label_token_ids: the C label words' token ids, class order.
+        pad_token_id: right-padding id. batch_size: prompts per forward pass (default 16).
+        progress: show a tqdm bar, titled `desc`.
+
+    Returns:
+        EvalResult: accuracy over the prompts, counted heads per prompt (filter S > T), gold-label and label
+        masses per [layer][head] averaged over the prompts, predictions (class ids), seconds, peak memory (MiB).
+
+    Raises:
+        ValueError: from the model's "abft" attention or `abft_loss` when the prompts do not fit the model.
+    """
     device = next(model.parameters()).device
     reset_peak_memory(device)
     was_training = model.training
@@ -109,13 +123,10 @@ def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int]
     batches = range(0, len(prompts), batch_size)
     for first in tqdm(batches, desc=desc, disable=not progress):
         batch = {k: v.to(device) for k, v in collate(prompts[first:first + batch_size]).items()}
-        spec = LabelSpec(batch["key_class"], batch["query_rows"], num_classes)
-        logits, out = query_label_logits(model, batch, label_ids, abft=spec, output_attentions=True)
-        prediction = logits.argmax(-1)
+        out, _, info = abft_forward(model, batch, num_classes, logits_to_keep=batch["query_rows"])
+        prediction = out.logits[:, 0, label_ids].argmax(-1)
         predictions += prediction.tolist()
         correct += int((prediction == batch["target_class"][:, 0]).sum())
-        _, info = abft_loss(list(out.attentions), batch["target_class"], batch["key_class"], batch["query_rows"],
-                            key_padding_mask=batch["attention_mask"].bool())
         counted += float(info.counted_heads.sum())
         gold = info.gold_mass[..., 0].sum(1)  # [L,H], summed over the batch
         labels = info.label_mass[..., 0].sum(1)
@@ -156,6 +167,42 @@ def save_heatmap(path: Path, before: EvalResult, after: Optional[EvalResult] = N
         ax.set_ylabel("layer")
         figure.colorbar(image, ax=ax)
     figure.suptitle(title or "gold-label attention mass at the query token")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def save_dynamics(path: Path, log_history: List[dict], check=None, title: str = "") -> Path:
+    """PNG of a training run's dynamics per optimiser step, like the paper's Fig. 5: counted heads per prompt
+    (with the band of `training.count_check`), A, the ABFT loss and the gold-label mass at the query token.
+
+    Args:
+        path: the PNG to write. log_history: `trainer.state.log_history` of an ABFTTrainer (per step: step,
+            counted_heads, A, abft_loss, gold_mass). check: a `training.CountCheck` to draw its band, or None.
+
+    Returns:
+        path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [entry for entry in log_history if "counted_heads" in entry]
+    x = [entry["step"] for entry in steps]
+    panels = [("counted_heads", "counted heads / prompt"), ("A", "A (used in the step)"),
+              ("abft_loss", "ABFT loss"), ("gold_mass", "gold-label mass")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(14, 3.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        ax.plot(x, [entry[key] for entry in steps], marker="o", markersize=3)
+        if key == "counted_heads" and check is not None:
+            ax.axhspan(check.band[0], check.band[1], color="tab:green", alpha=0.12, label="band")
+            ax.axhline(check.start, color="tab:green", linewidth=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    figure.suptitle(title or "ABFT training dynamics")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .ops.label_attention.masks import label_one_hot
+from .settings import PAPER
 
 
 @dataclass
@@ -79,8 +80,8 @@ def visible_label_counts(key_class, num_classes, rows, key_padding_mask=None, ca
 
 
 def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class, key_class, query_rows=None,
-              A: Union[float, torch.Tensor] = 0.5, B: Union[float, torch.Tensor] = 1.0,
-              key_padding_mask=None, causal: bool = True):
+              A: Union[float, torch.Tensor] = PAPER.A0, B: Union[float, torch.Tensor] = PAPER.B,
+              key_padding_mask=None, causal: bool = True, count_all_heads: bool = False):
     """ABFT loss summed over layers and heads, averaged over the (sample, row) pairs with a target.
 
     Source: arXiv 2505.14233, §3 (induction-head filter and the loss of a counted head); design.md §1. For each
@@ -107,6 +108,8 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
         B: weight of the missing mass on gold labels (default 1.0, the paper's B).
         key_padding_mask: bool [B, N], True = real token; padding is neither a visible label nor counted in n_t.
         causal: as given to label_attention: a row sees the keys up to itself (default True).
+        count_all_heads: ablation (default False): every head of a target row adds its term, without the filter
+            S > T (info.counted still reports the filter).
 
     Returns:
         (loss, info): loss, a 0-d tensor in masses' dtype: the sum over layers, heads and target rows of L, divided
@@ -174,9 +177,10 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
     gold_mass = mass.gather(-1, gold_index).squeeze(-1)  # m_y
     gold_count = n_c.gather(-1, target[:, :, None]).squeeze(-1).to(mass.dtype)  # n_y [B,R]
     counted = (label_mass.detach() > threshold[None, :, None, :]) & has_target[None, :, None, :]
+    in_loss = has_target[None, :, None, :].expand_as(counted) if count_all_heads else counted
 
     per_head = A * (label_mass - gold_mass) + B * (gold_count[None, :, None, :] - gold_mass)
-    loss = torch.where(counted, per_head, torch.zeros_like(per_head)).sum() / max(num_target_rows, 1)
+    loss = torch.where(in_loss, per_head, torch.zeros_like(per_head)).sum() / max(num_target_rows, 1)
 
     rows_per_sample = has_target.sum(1).clamp(min=1).to(mass.dtype)
     info = ABFTLossInfo(
@@ -188,18 +192,26 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
 
 
 class PIDController:
-    """Steers A from the mean number of counted heads n_t at step t = 1, 2, ... (paper's constants):
+    """The paper's controller of A (Cho et al., arXiv 2505.14233, section 4.3 and Fig. 5): from the mean number of
+    counted heads n_t at step t = 1, 2, ...,
     A_t = A_{t-1} + Cp(n_t − n_{t−1}) + Ci(n_t − n_1) + Cd(n_t − 2n_{t−1} + n_{t−2}) for t > 2, A_1 = A_2 = A0.
+
+    Summed up, A_t = A0 + Cp(n_t − n_2) + Ci Σ_{s=3..t}(n_s − n_1) + Cd((n_t − n_{t−1}) − (n_2 − n_1)): the integral
+    term holds the count at the first step's n_1, and A is not bounded (it can turn negative).
+
+    Args:
+        A0: the initial A (paper: 0.5). kp, ki, kd: Cp, Ci, Cd (paper: 0.03, 0.005, 0.005), in A per counted head.
 
     Call update(n_t) after step t's forward; the returned A_t is the coefficient for the next step.
     """
 
-    def __init__(self, A0: float = 0.5, kp: float = 0.03, ki: float = 0.005, kd: float = 0.005):
+    def __init__(self, A0: float = PAPER.A0, kp: float = PAPER.kp, ki: float = PAPER.ki, kd: float = PAPER.kd):
         self.A0, self.kp, self.ki, self.kd = float(A0), float(kp), float(ki), float(kd)
         self.A = self.A0
         self.history: List[float] = []
 
     def update(self, counted_heads: float) -> float:
+        """Record n_t (float, counted heads per prompt at step t) and return A_{t+1}."""
         n = self.history
         n.append(float(counted_heads))
         if len(n) > 2:
@@ -213,3 +225,70 @@ class PIDController:
     def load_state_dict(self, state: dict) -> None:
         self.A0, self.kp, self.ki, self.kd = state["A0"], state["kp"], state["ki"], state["kd"]
         self.A, self.history = state["A"], list(state["history"])
+
+
+class FixedA(PIDController):
+    """A stays A0 whatever the count (the no-PID ablation); records the counts like the PID."""
+
+    def __init__(self, A0: float = PAPER.A0):
+        super().__init__(A0, 0.0, 0.0, 0.0)
+
+
+class SetpointController(PIDController):
+    """An option beside the paper's PID for learning rates far above the paper's (not the paper's method):
+    the same gains, scaled by `scale` (= lr_ref / lr: the paper's gains were set for its lr), on the error to the
+    first step's count, e_t = n_t − n_1, in positional form, with A kept >= 0:
+    A_t = max(0, A0 + scale·(Cp·e_t + Ci·Σ_{s<=t} e_s + Cd·(e_t − e_{t−1}))); the sum stops growing while A is held
+    at 0 (no wind-up below). Call update(n_t) after step t; it returns A_{t+1}.
+
+    Args:
+        A0, kp, ki, kd: as PIDController. scale: factor on the three gains (float > 0).
+
+    Raises:
+        ValueError: scale <= 0.
+    """
+
+    def __init__(self, A0: float = PAPER.A0, kp: float = PAPER.kp, ki: float = PAPER.ki, kd: float = PAPER.kd,
+                 scale: float = 1.0):
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        super().__init__(A0, kp * scale, ki * scale, kd * scale)
+        self.integral = 0.0
+
+    def update(self, counted_heads: float) -> float:
+        n = self.history
+        n.append(float(counted_heads))
+        error = n[-1] - n[0]
+        previous = n[-2] - n[0] if len(n) > 1 else 0.0
+        integral = self.integral + error
+        A = self.A0 + self.kp * error + self.ki * integral + self.kd * (error - previous)
+        if A >= 0:
+            self.integral = integral
+        self.A = max(A, 0.0)
+        return self.A
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "integral": self.integral}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.integral = state["integral"]
+
+
+def make_controller(settings=PAPER) -> PIDController:
+    """The controller of A that `settings.controller` names, with its A0 and gains: "paper" (PIDController),
+    "fixed" (FixedA) or "setpoint" (SetpointController, gains scaled by PAPER.lr / settings.lr).
+
+    Args:
+        settings: a `settings.ABFTSettings` (controller, A0, kp, ki, kd, lr).
+
+    Raises:
+        ValueError: an unknown controller name.
+    """
+    if settings.controller == "paper":
+        return PIDController(settings.A0, settings.kp, settings.ki, settings.kd)
+    if settings.controller == "fixed":
+        return FixedA(settings.A0)
+    if settings.controller == "setpoint":
+        return SetpointController(settings.A0, settings.kp, settings.ki, settings.kd, scale=PAPER.lr / settings.lr)
+    raise ValueError(f"controller must be one of 'paper', 'fixed', 'setpoint', got {settings.controller!r}")

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,30 +20,37 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .hf import LabelSpec, trainable_qk
-from .loss import PIDController, abft_loss
+from .forward import abft_forward
+from .hf import trainable_qk
+from .loss import make_controller
+from .settings import PAPER, ABFTSettings
 
 WEIGHTS_FILE = "abft_weights.safetensors"
 CONFIG_FILE = "abft_config.json"
 
 
-@dataclass
-class ABFTSettings:
-    """The method's hyperparameters (paper defaults)."""
+def abft_training_arguments(output_dir: str, *, learning_rate: float = PAPER.lr, steps: int = PAPER.steps,
+                            prompts_per_step: int = PAPER.prompts_per_step, micro_batch: int = PAPER.micro_batch,
+                            seed: int = PAPER.seed, save_steps: int = 8, **overrides: Any) -> TrainingArguments:
+    """The paper's optimiser as TrainingArguments (defaults: `settings.PAPER`).
 
-    A0: float = 0.5  # initial weight of the wrong-label term
-    B: float = 1.0  # weight of the gold-label term
-    kp: float = 0.03  # PID constants steering A from the mean number of counted heads
-    ki: float = 0.005
-    kd: float = 0.005
+    Adam (AdamW without weight decay), constant lr, no clipping, `prompts_per_step` prompts per step by
+    gradient accumulation over `micro_batch`-sized batches on every process (paper, section 5).
 
+    Args:
+        output_dir: folder of the checkpoints (and of the final weights, by `ABFTTrainer.save_model`).
+        learning_rate: Adam's constant learning rate. steps: optimiser steps.
+        prompts_per_step: prompts per optimiser step over all processes.
+        micro_batch: prompts per forward pass on each process.
+        seed: Trainer seed (data order). save_steps: a checkpoint every this many steps (0: none), the last two kept.
+        overrides: any other TrainingArguments field.
 
-def abft_training_arguments(output_dir: str, *, learning_rate: float = 2e-5, steps: int = 32,
-                            prompts_per_step: int = 32, micro_batch: int = 8, seed: int = 42,
-                            save_steps: int = 8, **overrides: Any) -> TrainingArguments:
-    """The paper's optimiser: Adam (AdamW without weight decay), constant lr, no clipping, `prompts_per_step`
-    prompts per step by gradient accumulation over `micro_batch`-sized batches on every process. A checkpoint
-    every `save_steps` steps (0: none), the last two kept. `overrides`: any other TrainingArguments."""
+    Returns:
+        transformers.TrainingArguments.
+
+    Raises:
+        ValueError: prompts_per_step is not a multiple of micro_batch x the number of processes (WORLD_SIZE).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if prompts_per_step % (micro_batch * world_size):
         raise ValueError(f"prompts_per_step={prompts_per_step} must be a multiple of micro_batch={micro_batch} "
@@ -61,10 +68,63 @@ def abft_training_arguments(output_dir: str, *, learning_rate: float = 2e-5, ste
     return TrainingArguments(**settings)
 
 
-class ABFTController(TrainerCallback):
-    """Collects what the loss saw over one optimiser step and updates A once per step (PID)."""
+# Counted heads per prompt, relative to the first step's: within BAND of it the count "stayed"; beyond GUARD
+# (below start / GUARD or above start * GUARD) the run collapsed or exploded, and the summary warns.
+COUNT_BAND, COUNT_GUARD = 2.0, 4.0
 
-    def __init__(self, pid: PIDController):
+
+@dataclass
+class CountCheck:
+    """The counted heads per prompt over a training run, against the first step's count (paper, Fig. 5: with the
+    PID controller the count stays near its start). Counts are per optimiser step, averaged over its prompts."""
+
+    start: float
+    min: float
+    max: float
+    end: float
+    band: List[float]  # [start / COUNT_BAND, start * COUNT_BAND]
+    within_band: bool  # every step's count inside the band
+    collapsed: bool  # the last step's count is below start / COUNT_GUARD
+    exploded: bool  # the last step's count is above start * COUNT_GUARD
+    summary: str  # one console line
+    warnings: List[str]
+
+
+def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
+    """Check the counted heads of a training run (`trainer.state.log_history`, one "counted_heads" per step).
+
+    Raises:
+        ValueError: the log has no step with counted heads (no training step ran).
+    """
+    counts = [entry["counted_heads"] for entry in log_history if "counted_heads" in entry]
+    if not counts:
+        raise ValueError("log_history has no step with 'counted_heads': no ABFT training step was logged")
+    start, end = counts[0], counts[-1]
+    band = [start / COUNT_BAND, start * COUNT_BAND]
+    within = all(band[0] <= n <= band[1] for n in counts)
+    collapsed, exploded = end < start / COUNT_GUARD, end > start * COUNT_GUARD
+    summary = (f"counted heads per prompt over {len(counts)} steps: start {start:.1f}, min {min(counts):.1f}, "
+               f"max {max(counts):.1f}, end {end:.1f}: "
+               + (f"stayed within [{band[0]:.1f}, {band[1]:.1f}] (start /{COUNT_BAND:g} .. x{COUNT_BAND:g})" if within
+                  else f"left the band [{band[0]:.1f}, {band[1]:.1f}] (start /{COUNT_BAND:g} .. x{COUNT_BAND:g})"))
+    warnings = []
+    if collapsed:
+        warnings.append(f"the counted heads collapsed: {end:.1f} per prompt at the last step, below a quarter of "
+                        f"the start ({start:.1f}); the loss lost its heads, so 'after' may show no gain "
+                        f"(README, 'ABFT end to end': lower --lr)")
+    if exploded:
+        warnings.append(f"the counted heads exploded: {end:.1f} per prompt at the last step, above {COUNT_GUARD:g} x "
+                        f"the start ({start:.1f}); the controller did not hold the count (lower --lr)")
+    return CountCheck(start, min(counts), max(counts), end, band, within, collapsed, exploded, summary, warnings)
+
+
+class ABFTController(TrainerCallback):
+    """Collects what the loss saw over one optimiser step and updates A once per step.
+
+    `pid`: a controller of A from `loss.make_controller` (attribute A, update(counted_heads), state_dict()).
+    """
+
+    def __init__(self, pid):
         self.pid = pid
         self.last: Dict[str, float] = {}
         self._sums = torch.zeros(4, dtype=torch.float64)  # loss, counted heads, gold mass, prompts
@@ -109,22 +169,31 @@ class ABFTProgressCallback(ProgressCallback):
 
 
 class ABFTTrainer(Trainer):
-    """Trainer whose loss is ABFT's; train only what trainable_qk left trainable.
+    """Trainer whose loss is ABFT's (`forward.abft_forward`); trains only what trainable_qk left trainable.
+
+    Args (besides Trainer's):
+        num_classes: C, the number of label classes.
+        settings: `settings.ABFTSettings`; the trainer uses its A0, B, controller, kp, ki, kd and
+            count_all_heads (default: the paper's). The optimiser comes from `args` (`abft_training_arguments`).
+        run_info: written into every saved abft_config.json (base model, split settings, ...).
 
     The data collator must produce input_ids, attention_mask, key_class, query_rows and target_class
-    (`abft_kernels.icl.ICLCollator`). `run_info` is written into every saved abft_config.json.
+    (`abft_kernels.icl.ICLCollator`). Each optimiser step logs abft_loss, counted_heads, gold_mass, A (used in
+    the step) and next_A into `state.log_history` (paper, Fig. 5).
+
+    Raises:
+        ValueError: the model has no trainable parameter; an unknown settings.controller.
     """
 
     loss_is_scaled_for_ga = False  # abft_loss is a per-batch mean: the Trainer divides by the accumulation
 
-    def __init__(self, *args, num_classes: int, settings: Optional[ABFTSettings] = None,
+    def __init__(self, *args, num_classes: int, settings: ABFTSettings = PAPER,
                  run_info: Optional[Dict[str, Any]] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.num_classes = num_classes
-        self.settings = settings or ABFTSettings()
+        self.settings = settings
         self.run_info = dict(run_info or {})
-        s = self.settings
-        self.controller = ABFTController(PIDController(s.A0, s.kp, s.ki, s.kd))
+        self.controller = ABFTController(make_controller(settings))
         self.add_callback(self.controller)
         if any(type(cb) is ProgressCallback for cb in self.callback_handler.callbacks):  # a console bar
             self.remove_callback(ProgressCallback)
@@ -134,12 +203,8 @@ class ABFTTrainer(Trainer):
             raise ValueError("the model has no trainable parameters: call abft_kernels.hf.trainable_qk(model) first")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        spec = LabelSpec(inputs["key_class"], inputs["query_rows"], self.num_classes)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], abft=spec,
-                        output_attentions=True, use_cache=False, logits_to_keep=1)
-        loss, info = abft_loss(list(outputs.attentions), inputs["target_class"], inputs["key_class"],
-                               inputs["query_rows"], A=self.controller.A, B=self.settings.B,
-                               key_padding_mask=inputs["attention_mask"].bool())
+        outputs, loss, info = abft_forward(model, inputs, self.num_classes, A=self.controller.A, B=self.settings.B,
+                                           count_all_heads=self.settings.count_all_heads)
         if model.training:
             self.controller.record(loss.detach(), info, inputs["input_ids"].shape[0])
         return (loss, outputs) if return_outputs else loss

@@ -16,6 +16,8 @@ def test_quick_demo_then_eval_of_its_weights(tmp_path, capsys):
     for row in ("ICL accuracy", "counted heads / prompt", "gold-label mass", "time (s)", "peak memory (MiB)"):
         assert row in printed.out
     assert "heads=" in printed.err and "A=" in printed.err  # the training progress bar
+    assert "seed 42" in printed.out and "standard error of about" in printed.out
+    assert "counted heads per prompt over 2 steps: start" in printed.out  # the band line
 
     report = json.loads((demo_dir / "report.json").read_text())
     before, after = report["before"], report["after"]
@@ -24,6 +26,9 @@ def test_quick_demo_then_eval_of_its_weights(tmp_path, capsys):
     assert [h["step"] for h in report["training_log"] if "abft_loss" in h] == [1, 2]
     assert report["settings"]["lr"] == 5e-4 and report["settings"]["k"] == 4
     assert (demo_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (demo_dir / "dynamics.png").read_bytes()[:4] == b"\x89PNG"
+    check = report["count_check"]
+    assert check["start"] == report["training_log"][0]["counted_heads"] and report["warnings"] == check["warnings"]
     assert after["gold_mass"] != before["gold_mass"]  # training moved the attention
 
     # The saved weights reproduce the demo's "after" on the same held-out prompts (split settings from the run).

@@ -41,6 +41,30 @@ def test_loss_hand_computed():
     assert (mass.grad[:, 1] == 0).all() and (mass.grad[:, :, 1] == 0).all()
 
 
+@pytest.mark.parametrize("A, B, expected", [
+    (0.5, 1.0, (0.6 + 0.3) / 2),  # the paper's loss
+    (0.0, 1.0, (0.5 + 0.0) / 2),  # ablation A = 0: only the gold-label term 1·(n_y − m_y)
+    (0.5, 0.0, (0.1 + 0.3) / 2),  # ablation B = 0: only the wrong-label term 0.5·(S − m_y)
+])
+def test_loss_ablations_of_the_two_terms(A, B, expected):
+    mass, target, key_class, rows, pad = hand_case()
+    loss, info = ak.abft_loss([mass], target, key_class, rows, A=A, B=B, key_padding_mask=pad)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert info.counted_heads.tolist() == [1.0, 1.0]
+
+
+def test_loss_ablation_every_head_counted():
+    mass, target, key_class, rows, pad = hand_case()
+    mass.requires_grad_(True)
+    loss, info = ak.abft_loss([mass], target, key_class, rows, key_padding_mask=pad, count_all_heads=True)
+    # the heads below the threshold join: 0.5·(0.3−0.1) + 1·(1−0.1) = 1.0 and 0.5·(0.2−0) + 0 = 0.1
+    assert loss.item() == pytest.approx((0.6 + 0.3 + 1.0 + 0.1) / 2, abs=1e-6)
+    assert info.counted_heads.tolist() == [1.0, 1.0]  # the report still counts the filter's heads
+    loss.backward()
+    torch.testing.assert_close(mass.grad[0, 1, 0], torch.tensor([-0.5, 0.25]))
+    assert (mass.grad[:, :, 1] == 0).all()  # rows without a target stay out
+
+
 def test_loss_sums_layers_and_accepts_stacked_tensor():
     mass, target, key_class, rows, pad = hand_case()
     second = mass.clone()

@@ -138,3 +138,38 @@ def test_train_and_eval_commands_on_another_architecture(tmp_path):
     main(["eval", "--weights", str(tmp_path / "run"), "--output-dir", str(tmp_path / "eval")])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["after"]["num_prompts"] == 4 and len(report["after"]["gold_mass"]) == 2
+
+
+@pytest.mark.parametrize("ablation, flags", [
+    ("no PID (A fixed)", ["--controller", "fixed", "--A0", "0.3"]),
+    ("A = 0", ["--controller", "fixed", "--A0", "0"]),
+    ("B = 0", ["--B", "0"]),
+    ("every head counted", ["--count-all-heads"]),
+])
+def test_train_ablations(tmp_path, ablation, flags):
+    """`abft train` with each ablation of the paper's method (issue 14): a tiny random GPT-2, two steps."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from abft_kernels.cli import main
+    from abft_kernels.models import convert_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(convert_default_model())
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    main(["train", "--model", str(tmp_path / "gpt2"), "--eval-prompts", "4", "--max-chars", "100", "--steps", "3",
+          "--prompts-per-step", "2", "--micro-batch", "2", "--train-prompts", "6", "--lr", "1e-2", "--save-steps", "0",
+          "--output-dir", str(tmp_path / "run"), *flags])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    saved = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["settings"]
+    steps = [h for h in report["training_log"] if "abft_loss" in h]
+    assert len(steps) == 3 and (tmp_path / "run" / "dynamics.png").is_file()
+    if "--controller" in flags:
+        A0 = float(flags[flags.index("--A0") + 1])
+        assert saved["controller"] == "fixed" and [h["A"] for h in steps] == [A0] * 3
+    if "--B" in flags:
+        assert saved["B"] == 0.0
+    if "--count-all-heads" in flags:
+        # a random model's heads rarely pass S > T, but every head is in the loss: it is never 0
+        assert saved["count_all_heads"] and all(h["abft_loss"] > 0 for h in steps)

@@ -1,0 +1,104 @@
+"""The method's settings in one place: the paper's values as the defaults of one typed dataclass, the presets of
+`abft demo` derived from it, and the command lines of `abft train/eval/demo` generated from it by transformers'
+HfArgumentParser (as for TrainingArguments).
+
+Source of the paper's values: Cho et al., "Attention Behavior Fine-Tuning" (arXiv 2505.14233), section 5 and
+appendix (A0 = 0.5, B = 1, Cp = 0.03, Ci = Cd = 0.005, Adam lr 2e-5, 32 steps of 32 prompts, k = 4), with the
+held-out size and longest text of StaICC (512 prompts, 1024 characters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, Optional
+
+from .icl.data import DEFAULT_TASK
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What builds the prompts and the held-out split (the options of `abft eval`).
+
+    The examples are shuffled with `seed`; the first `eval_prompts` are the held-out queries, the rest the
+    training pool. Held-out demonstrations are drawn with seed + 1, training prompts with seed + 2.
+    """
+
+    model: Optional[str] = field(default=None, metadata=_help(
+        "HF model path or name (default: the built-in SmolLM2-135M-Instruct GGUF)"))
+    dataset: str = field(default=DEFAULT_TASK, metadata=_help(
+        "built-in task (rt-sentiment, rt-subj), paper dataset (sst2, mr, fp, sst5, trec, subj, tee, teh), "
+        ".csv/.jsonl file or hub name"))
+    text_column: str = field(default="text", metadata=_help("column of the input text"))
+    label_column: str = field(default="label", metadata=_help("column of the label (class id or label word)"))
+    template: Optional[str] = field(default=None, metadata=_help(
+        "use this paper dataset's template for --dataset (e.g. sst2)"))
+    label_words: Optional[str] = field(default=None, metadata=_help(
+        "comma-separated label words, one token each, class id order"))
+    input_prefix: str = field(default="input: ", metadata=_help("with --label-words"))
+    label_prefix: str = field(default="label:", metadata=_help("with --label-words"))
+    k: int = field(default=4, metadata=_help("demonstrations per prompt"))
+    max_chars: int = field(default=1024, metadata=_help("drop texts longer than this many characters"))
+    eval_prompts: int = field(default=512, metadata=_help("held-out prompts for evaluation (the held-out set's size)"))
+    seed: int = field(default=42, metadata=_help("seed of the split and of the demonstrations"))
+    batch_size: int = field(default=16, metadata=_help("evaluation batch size (prompts per forward pass)"))
+
+
+@dataclass(frozen=True)
+class ABFTSettings(DataSettings):
+    """The method's settings: data (DataSettings), optimiser, loss and controller of A (the options of
+    `abft train` and `abft demo`; the defaults are the paper's).
+
+    Loss per counted head: A·(S − m_y) + B·(n_y − m_y) (`abft_kernels.loss.abft_loss`); A starts at A0 and is
+    steered once per optimiser step from the mean number of counted heads by `controller`:
+    "paper" is the paper's PID (`loss.PIDController`, gains kp, ki, kd), "fixed" keeps A = A0 (the no-PID
+    ablation, `loss.FixedA`), "setpoint" is an option for learning rates far above the paper's: the same gains
+    scaled by PAPER.lr / lr on the error to the first step's count, with A kept >= 0 (`loss.SetpointController`). Ablations: `count_all_heads` (no induction-head filter),
+    A0 = 0 with controller "fixed" (no wrong-label term), B = 0 (no gold-label term).
+    """
+
+    lr: float = field(default=2e-5, metadata=_help("Adam learning rate (constant, no weight decay)"))
+    steps: int = field(default=32, metadata=_help("optimiser steps"))
+    prompts_per_step: int = field(default=32, metadata=_help("prompts per optimiser step (gradient accumulation)"))
+    micro_batch: int = field(default=8, metadata=_help("prompts per forward pass on each process"))
+    train_prompts: int = field(default=512, metadata=_help("training prompts built from the training pool"))
+    lora: Optional[int] = field(default=None, metadata=_help("train LoRA adapters of this rank on W_Q/W_K instead"))
+    A0: float = field(default=0.5, metadata=_help("initial A, the weight of the wrong-label term"))
+    B: float = field(default=1.0, metadata=_help("B, the weight of the gold-label term"))
+    kp: float = field(default=0.03, metadata=_help("PID proportional gain Cp"))
+    ki: float = field(default=0.005, metadata=_help("PID integral gain Ci"))
+    kd: float = field(default=0.005, metadata=_help("PID derivative gain Cd"))
+    controller: Literal["paper", "fixed", "setpoint"] = field(default="paper", metadata=_help(
+        "how A is steered: paper = the paper's PID (gains kp, ki, kd); fixed = A stays A0 (no-PID ablation); "
+        "setpoint = the gains scaled by 2e-5/lr on the error to the first step's count, A >= 0"))
+    count_all_heads: bool = field(default=False, metadata=_help(
+        "ablation: every head adds to the loss, not only those passing the induction filter S > T"))
+    bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (Trainer)"))
+    report_to: str = field(default="none", metadata=_help("Trainer logging integrations (tensorboard, wandb, ...)"))
+
+
+PAPER = ABFTSettings()
+# `abft demo`: fits 15 minutes on 2 CPU cores (README, "ABFT end to end"); how these were chosen is there.
+DEMO = replace(PAPER, lr=5e-4, steps=16, prompts_per_step=16, train_prompts=256, eval_prompts=200, max_chars=160)
+# `abft demo --quick`: a smoke run (CI).
+QUICK = replace(DEMO, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=16, max_chars=100)
+# What decides the held-out split: `abft eval --weights` must use the training run's values.
+SPLIT_SETTINGS = ("dataset", "text_column", "label_column", "max_chars", "seed")
+
+
+def data_settings(settings: DataSettings) -> DataSettings:
+    """The DataSettings part of `settings` (e.g. of PAPER, for `abft eval`)."""
+    return DataSettings(**{f.name: getattr(settings, f.name) for f in fields(DataSettings)})
+
+
+def given_settings(namespace, settings_type: type = ABFTSettings) -> dict:
+    """The settings a command line gave: the parsers built by `settings_parser` default every field to None."""
+    return {f.name: getattr(namespace, f.name) for f in fields(settings_type)
+            if getattr(namespace, f.name, None) is not None}
+
+
+def preset_epilog(presets) -> str:
+    """`--help` text listing each preset's values. presets: sequence of (name, settings)."""
+    return "\n".join(f"{name} defaults: " + " ".join(f"{f.name}={getattr(values, f.name)}" for f in fields(values))
+                     for name, values in presets)
