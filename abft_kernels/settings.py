@@ -38,6 +38,12 @@ class DataSettings:
         "comma-separated label words, one token each, class id order"))
     input_prefix: str = field(default="input: ", metadata=_help("with --label-words"))
     label_prefix: str = field(default="label:", metadata=_help("with --label-words"))
+    prompt_style: Literal["staicc", "space-on-label"] = field(default="staicc", metadata=_help(
+        "staicc: StaICC's prompts, the paper's (the query ends with the label prefix and its space, read-out = "
+        "each bare label word's last token); space-on-label: the prompt ends at the label prefix and the "
+        "read-out is the label word with its leading space (abft_kernels.icl.PROMPT_STYLES)"))
+    staicc_root: Optional[str] = field(default=None, metadata=_help(
+        "folder of StaICC's exported data (splits.json and the *.jsonl), for --dataset staicc:<name>"))
     k: int = field(default=4, metadata=_help("demonstrations per prompt"))
     max_chars: int = field(default=1024, metadata=_help("drop texts longer than this many characters"))
     eval_prompts: int = field(default=512, metadata=_help("held-out prompts for evaluation (the held-out set's size)"))
@@ -80,7 +86,8 @@ class ABFTSettings(DataSettings):
 
 PAPER = ABFTSettings()
 # `abft demo`: fits 15 minutes on 2 CPU cores (README, "ABFT end to end"); how these were chosen is there.
-DEMO = replace(PAPER, lr=5e-4, steps=16, prompts_per_step=16, train_prompts=256, eval_prompts=200, max_chars=160)
+# The demo keeps the prompt style its settings were measured with (README, "ABFT end to end").
+DEMO = replace(PAPER, prompt_style="space-on-label", lr=5e-4, steps=16, prompts_per_step=16, train_prompts=256, eval_prompts=200, max_chars=160)
 # `abft demo --quick`: a smoke run (CI).
 QUICK = replace(DEMO, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=16, max_chars=100)
 # What decides the held-out split: `abft eval --weights` must use the training run's values.

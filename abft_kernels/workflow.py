@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from .icl import PAPER_TASKS, ICLCollator, PromptBuilder, Template, load_task, sample_prompts, training_prompts
+from .icl import (PAPER_TASKS, ICLCollator, PromptBuilder, StaICCTask, Template, is_staicc_source, load_staicc,
+                  load_task, sample_prompts, staicc_prompts, training_prompts)
 from .models import DEFAULT_MODEL
 from .settings import (DEMO, PAPER, QUICK, SPLIT_SETTINGS, ABFTSettings, DataSettings, data_settings, given_settings,
                        preset_epilog)
@@ -100,11 +101,14 @@ def held_out_settings(given: dict, saved: dict) -> DataSettings:
         raise ValueError(f"--eval-prompts {given['eval_prompts']} exceeds the training run's held-out set "
                          f"({saved['held_out']} examples)")
     from_run = {name: saved.get(name) for name in SPLIT_SETTINGS}
-    from_run.update(eval_prompts=saved.get("held_out"), model=saved.get("base_model"), k=saved.get("k"))
+    from_run.update(eval_prompts=saved.get("held_out"), model=saved.get("base_model"), k=saved.get("k"),
+                    prompt_style=saved.get("prompt_style"), staicc_root=saved.get("staicc_root"))
     return replace(data_settings(PAPER), **{**{name: v for name, v in from_run.items() if v is not None}, **given})
 
 
 def _load_task(settings: DataSettings, template: Optional[Template]):
+    if is_staicc_source(settings.dataset):  # StaICC's fixed splits: eval_prompts, max_chars and seed do not apply
+        return load_staicc(settings.dataset, settings.staicc_root)
     return load_task(settings.dataset, template=template, text_column=settings.text_column,
                      label_column=settings.label_column, test_size=settings.eval_prompts,
                      max_chars=settings.max_chars, seed=settings.seed)
@@ -114,8 +118,11 @@ def held_out_evaluation(tokenizer, task, settings: DataSettings):
     """`evaluate(model, desc=...)` on the task's held-out prompts, built once: the same prompts before and after."""
     from .evaluation import evaluate
 
-    builder = PromptBuilder(tokenizer, task.template)
-    prompts = sample_prompts(builder, task.train, task.test, settings.k, seed=settings.seed + EVAL_SEED_OFFSET)
+    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style)
+    if isinstance(task, StaICCTask):  # StaICC's 1024 prompts (512 test items x 2 demonstration sets), in order
+        prompts = staicc_prompts(builder, task, settings.eval_prompts)
+    else:
+        prompts = sample_prompts(builder, task.train, task.test, settings.k, seed=settings.seed + EVAL_SEED_OFFSET)
     return partial(evaluate, prompts=prompts, label_token_ids=builder.label_token_ids,
                    pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
 
@@ -132,7 +139,7 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
 
     device = next(model.parameters()).device
     trainable_qk(model, lora=settings.lora)
-    builder = PromptBuilder(tokenizer, task.template)
+    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style)
     prompts = training_prompts(builder, task.train, settings.k, settings.train_prompts,
                                seed=settings.seed + TRAIN_SEED_OFFSET)
     training_args = abft_training_arguments(
@@ -142,7 +149,8 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
     run_info = {"base_model": settings.model or DEFAULT_MODEL, "lora": settings.lora, "dataset": settings.dataset,
                 "text_column": settings.text_column, "label_column": settings.label_column,
                 "max_chars": settings.max_chars, "seed": settings.seed, "held_out": settings.eval_prompts,
-                "template": asdict(task.template), "k": settings.k, "learning_rate": settings.lr,
+                "template": asdict(task.template), "k": settings.k, "prompt_style": settings.prompt_style,
+                "staicc_root": settings.staicc_root, "learning_rate": settings.lr,
                 "steps": settings.steps, "prompts_per_step": settings.prompts_per_step}
     trainer = ABFTTrainer(model=model, args=training_args, train_dataset=prompts,
                           data_collator=ICLCollator(tokenizer.pad_token_id), num_classes=task.template.num_classes,

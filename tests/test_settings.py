@@ -23,7 +23,9 @@ def test_paper_values_are_the_defaults_everywhere():
     assert (pid.A0, pid.kp, pid.ki, pid.kd) == (PAPER.A0, PAPER.kp, PAPER.ki, PAPER.kd)
     # the presets derive from the paper's: only what they say differs
     differs = lambda a, b: {f.name for f in fields(ABFTSettings) if getattr(a, f.name) != getattr(b, f.name)}
-    assert differs(PAPER, DEMO) == {"lr", "steps", "prompts_per_step", "train_prompts", "eval_prompts", "max_chars"}
+    assert differs(PAPER, DEMO) == {"prompt_style", "lr", "steps", "prompts_per_step", "train_prompts", "eval_prompts",
+                                    "max_chars"}
+    assert (PAPER.prompt_style, DEMO.prompt_style) == ("staicc", "space-on-label")
     assert differs(DEMO, QUICK) == {"steps", "prompts_per_step", "micro_batch", "train_prompts", "eval_prompts",
                                     "max_chars"}
     with pytest.raises(Exception):  # frozen: a preset cannot be changed in place

@@ -160,3 +160,24 @@ def test_staicc_template_and_source_names():
     with pytest.raises(ValueError, match="2 input texts"):
         staicc_template({**TEMPLATE, "input_text_prefixes": ["a: ", "b: "], "input_text_affixes": [" ", " "]},
                         LABELS)
+
+
+def test_train_and_eval_commands_follow_staicc(tmp_path, tokenizer):
+    """`abft train/eval --dataset staicc:<name> --staicc-root DIR`: StaICC's splits and prompts, StaICC's prompt style
+    by default, and `abft eval --weights` rebuilds the same held-out prompts from the run's settings."""
+    from tiny_icl import tiny_llama
+
+    from abft_kernels.cli import main
+
+    root = make_root(tmp_path)
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    main(["train", "--model", str(tmp_path / "model"), "--dataset", "staicc:tiny_set", "--staicc-root", str(root),
+          "--k", "2", "--eval-prompts", "8", "--steps", "1", "--prompts-per-step", "2", "--micro-batch", "2",
+          "--train-prompts", "2", "--output-dir", str(tmp_path / "run")])
+    saved = json.loads((tmp_path / "run" / "abft_config.json").read_text())
+    assert saved["prompt_style"] == "staicc" and saved["staicc_root"] == str(root)
+    main(["eval", "--weights", str(tmp_path / "run"), "--output-dir", str(tmp_path / "eval")])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["before"]["num_prompts"] == report["after"]["num_prompts"] == 8  # StaICC's 4 test items x 2 sets
+    assert len(report["before"]["predictions"]) == 8
