@@ -21,13 +21,27 @@ def _check_index_tensor(name: str, t, shape_hint: str) -> None:
 class LabelSpec:
     """Pass as `model(..., abft=LabelSpec(...), output_attentions=True)` to get every layer's label masses.
 
-    key_class int [B, N]: class of each token as a key (-1 = not a label token, else 0..num_classes-1), N the
-    length of input_ids. query_rows int [B, R]: the positions whose masses are returned (-1 = empty slot), or
-    None for every position. backend: the label_attention backend ("auto" picks the fastest for the device).
+    Every attention layer of the call then runs `label_attention` with these labels, and `outputs.attentions` holds,
+    per layer, float32 masses [B, Hq, R, C] (autograd intact) instead of attention weights: the attention mass that
+    each row of `query_rows` puts on each class's label tokens (ABFT's input, arXiv 2505.14233 §3).
+
+    Args:
+        key_class: integer [B, N], N the length of input_ids: the class of each token as a key, -1 = not a label
+            token, else 0 .. num_classes - 1 (demonstration label words).
+        query_rows: integer [B, R]: the positions whose masses are returned (ABFT: [[N_b - 1]], the query token),
+            -1 = empty slot (mass 0); or None for every position (R = N).
+        num_classes: C >= 1.
+        backend: the label_attention backend (default "auto": see abft_kernels.resolve_backend).
 
     Construction checks types and shapes (no host sync). The values (class ids in [-1, num_classes), rows in
     [-1, N)) are checked once per model call, in the same host sync as the call's other checks; the attention
     layers then skip those checks (also when gradient checkpointing recomputes them).
+
+    Raises:
+        ValueError: key_class or query_rows not a 2-D integer tensor, of different batch sizes or devices;
+            num_classes not a positive int; an unknown backend. In the model call: values out of range, a call
+            without output_attentions=True, past key values, a sliding window shorter than the prompt, attention
+            dropout, or a model whose layers drop the abft= keyword (see README, "Hugging Face models").
     """
 
     key_class: torch.Tensor

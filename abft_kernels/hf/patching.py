@@ -45,10 +45,22 @@ _SOFTMAX = ("softmax", "scaled_dot_product_attention", "flex_attention")
 
 
 def apply_abft(model):
-    """Switch `model` (a transformers PreTrainedModel) to attn_implementation="abft" in place and return it.
+    """Switch `model` to attn_implementation="abft" in place and return it.
 
-    The same as `model.set_attn_implementation("abft")` once abft_kernels is imported; raises ValueError for
-    models whose attention cannot run through "abft" (see prepare_abft_model).
+    The same as `model.set_attn_implementation("abft")` or `from_pretrained(..., attn_implementation="abft")` once
+    abft_kernels is imported: every load path goes through prepare_abft_model, which checks the model, patches what
+    needs patching (Falcon) and installs the per-call checks.
+
+    Args:
+        model: a transformers PreTrainedModel (any causal LM; see README's family matrix).
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: naming the model type and why, for models whose attention cannot run exactly through "abft"
+            (attention that computes its own softmax, e.g. ALiBi Bloom; attention that reads the 4-D mask itself;
+            no softmax attention at all; see prepare_abft_model).
     """
     register_abft_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
