@@ -1,5 +1,8 @@
 """Model level: one ABFT training step (forward with masses, abft_loss, backward) on a random-initialised Llama.
 
+Besides the methods that compute masses, `sdpa` is plain SDPA training with no masses at all (a loss on the last
+hidden state instead of abft_loss): the floor that the masses' cost is measured against.
+
 Only W_Q and W_K train, as in the paper, so backward computes their gradients and the activation
 gradients that reach them; there is no optimizer step and no LM head (the ABFT loss needs neither).
 The prompt is laid out like the kernel level's (benchmarks/shapes.py): random token ids, a label token of
@@ -7,6 +10,7 @@ a random class every DEMO_LEN tokens (token id = class id), the query is the las
 """
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,7 +21,7 @@ from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
 from abft_kernels.ops.label_attention.masks import gather_rows, label_one_hot
 
 from .shapes import label_positions
-from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
+from .timing import guarded, peak_memory_gib, saved_bytes, too_big, wall_median_ms
 
 # Shapes of public checkpoints; the weights are random (timing needs no trained weights).
 MODEL_CONFIGS = {
@@ -81,12 +85,18 @@ def hf_masses(backend: str):
     return setup
 
 
+def sdpa_no_masses(model, batch: ModelBatch):
+    model.set_attn_implementation("sdpa")
+    return {}, None
+
+
 @dataclass(frozen=True)
 class ModelMethod:
     name: str
     description: str
-    backend: Optional[str]  # label_attention backend, None for eager
+    backend: Optional[str]  # label_attention backend, None for eager and sdpa
     setup: Callable
+    computes_masses: bool = True
 
 
 MODEL_METHODS = {m.name: m for m in (
@@ -96,6 +106,8 @@ MODEL_METHODS = {m.name: m for m in (
                 "torch", hf_masses("torch")),
     ModelMethod("abft", "attn_implementation='abft' with LabelSpec(backend='auto'): the default", "auto",
                 hf_masses("auto")),
+    ModelMethod("sdpa", "attn_implementation='sdpa', no masses: loss = mean square of the last hidden state "
+                "(the floor: plain training)", None, sdpa_no_masses, computes_masses=False),
 )}
 
 
@@ -121,14 +133,24 @@ def eager_memory(model, seq_len: int) -> float:
     return weights + config.num_hidden_layers * config.num_attention_heads * seq_len ** 2 * (elem + 4)
 
 
-def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
-    """Returns the loss and the mean label mass S over layers and heads (loss is 0 until a head passes
-    the induction filter, so S is what shows that methods agree on a random model)."""
+def step_loss(model, batch: ModelBatch, kwargs: dict, masses_of):
+    """The forward half of a step: the loss and the mean label mass S over layers and heads (loss is 0 until a head
+    passes the induction filter, so S is what shows that methods agree on a random model). masses_of None (plain
+    training): loss = mean square of the last token's hidden state, S = None."""
+    if masses_of is None:
+        outputs = model(input_ids=batch.input_ids, use_cache=False)
+        return outputs.last_hidden_state[:, -1].float().square().mean(), None
     outputs = model(input_ids=batch.input_ids, output_attentions=True, use_cache=False, **kwargs)
     loss, info = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
+    return loss, info.label_mass.mean()
+
+
+def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
+    """One step: step_loss, backward, zero_grad. Returns the loss and S (see step_loss)."""
+    loss, label_mass = step_loss(model, batch, kwargs, masses_of)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return loss.detach(), info.label_mass.mean()
+    return loss.detach(), label_mass
 
 
 def resolved_backend(method: ModelMethod, name: str, device: torch.device, dtype: torch.dtype) -> dict:
@@ -146,7 +168,8 @@ def resolved_backend(method: ModelMethod, name: str, device: torch.device, dtype
     return {"backend": choice.name, "backend_reason": choice.reason}
 
 
-def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int):
+def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int,
+                memory_limit: Optional[float] = None):
     """Result rows of every (N, method) on model `name`; see measure_model."""
     built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens))}, device)
     model = built.pop("model", None)
@@ -159,13 +182,23 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
             if model is None:
                 yield {**row, "status": built["status"], "reason": "building the model failed: " + built["reason"]}
             else:
-                yield {**row, **measure_model(model, method, seq_len, device, reps)}
+                yield {**row, **measure_model(model, method, seq_len, device, reps, memory_limit)}
 
 
-def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int) -> dict:
+def peak_rss_gib() -> float:
+    """The peak resident memory of this process so far (ru_maxrss), in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+
+
+def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int,
+                  memory_limit: Optional[float] = None) -> dict:
     """Status and, when ok: median_ms of `reps` steps after one warm-up step, peak_memory_gib (None off
-    CUDA), and the warm-up step's loss and mean label mass (the same for every method, up to rounding)."""
-    reason = too_big(eager_memory(model, seq_len), device) if method.name == "eager" else None
+    CUDA), saved_gib (the storages autograd keeps for backward in the warm-up step's forward, each counted once;
+    weights included), peak_rss_gib (this process's peak resident memory after the steps: the point's own peak
+    when it runs in a fresh process, --isolate), and the warm-up step's loss and mean label mass (the same for
+    every method that computes masses, up to rounding; None for the others). memory_limit (bytes, default the
+    device's memory): eager is skipped when its estimate exceeds it."""
+    reason = too_big(eager_memory(model, seq_len), device, memory_limit) if method.name == "eager" else None
     if reason is not None:
         return {"status": "skipped", "reason": reason}
 
@@ -176,9 +209,12 @@ def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device
         def step():
             abft_step(model, batch, kwargs, masses_of)
 
-        loss, label_mass = abft_step(model, batch, kwargs, masses_of)
+        saved, (loss, label_mass) = saved_bytes(lambda: step_loss(model, batch, kwargs, masses_of))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
         median_ms = wall_median_ms(step, device, 0, reps)
-        return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device), "loss": loss.item(),
-                "mean_label_mass": label_mass.item()}
+        return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device),
+                "saved_gib": saved / 2 ** 30, "peak_rss_gib": peak_rss_gib(), "loss": loss.item(),
+                "mean_label_mass": None if label_mass is None else label_mass.item()}
 
     return guarded(measure, device)

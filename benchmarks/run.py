@@ -7,8 +7,11 @@ a method that cannot run here) is recorded in the results; none stops the run.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,6 +48,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=list(model_level.MODEL_METHODS))
     parser.add_argument("--model-seq-lens", nargs="+", type=int, default=None, help="default: 512..32768 (quick: 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run every model-level point (model, N, method) in a fresh Python process, so that its "
+                             "peak resident memory (peak_rss_gib) is its own")
+    parser.add_argument("--model-reps", type=int, default=None,
+                        help="timed model steps per point after the warm-up step (default: 3; quick: 1)")
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="skip eager attention where its memory estimate exceeds this (default: 90%% of the "
+                             "device's memory)")
+    parser.add_argument("--name", default=None,
+                        help="results file name: <name>.json/.md/_*.png (default: full, or quick)")
+    parser.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)  # --isolate's children
     return parser.parse_args(argv)
 
 
@@ -69,13 +83,44 @@ def run_model_level(args, seq_lens: list, device: torch.device) -> list:
     names = args.models or (model_level.CPU_MODELS if args.quick or device.type == "cpu"
                             else model_level.FULL_GPU_MODELS)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reps = 1 if args.quick else 3
+    reps = args.model_reps or (1 if args.quick else 3)
+    limit = None if args.memory_limit_gib is None else args.memory_limit_gib * 2 ** 30
     methods = [model_level.MODEL_METHODS[name] for name in args.model_methods]
     for name in names:
-        for row in model_level.sweep_model(name, methods, seq_lens, device, dtype, reps):
+        if args.isolate:
+            points = (_run_isolated(args, name, seq_len, method.name, reps)
+                      for seq_len in seq_lens for method in methods)
+        else:
+            points = model_level.sweep_model(name, methods, seq_lens, device, dtype, reps, limit)
+        for row in points:
+            if not (args.isolate or args.child_json) and "peak_rss_gib" in row:
+                row["peak_rss_gib"] = None  # the peak of a process that ran other points too: not this point's
             _progress(row, f"model {name} N={row['seq_len']}")
             rows.append(row)
     return rows
+
+
+def _run_isolated(args, name: str, seq_len: int, method: str, reps: int) -> dict:
+    """One model-level point in a fresh `python -m benchmarks.run` process; a process that dies (e.g. killed for
+    memory) gives a row with status OOM (SIGKILL) or error."""
+    command = [sys.executable, "-m", "benchmarks.run", "--levels", "model", "--device", args.device,
+               "--models", name, "--model-methods", method, "--model-seq-lens", str(seq_len),
+               "--model-reps", str(reps)]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    if args.memory_limit_gib is not None:
+        command += ["--memory-limit-gib", str(args.memory_limit_gib)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.json"
+        done = subprocess.run(command + ["--child-json", str(path)], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return json.loads(path.read_text())[0]
+    status = "OOM" if done.returncode == -9 else "error"
+    tail = (done.stderr.strip().splitlines() or [""])[-1][:300]
+    return {"level": "model", "model": name, "method": method, "backend": None, "backend_reason": None,
+            "seq_len": seq_len, "batch": 1, "status": status,
+            "reason": f"the point's process exited with {done.returncode}: {tail}"}
 
 
 def _progress(row: dict, where: str) -> None:
@@ -94,15 +139,19 @@ def main(argv=None) -> dict:
     model_seq_lens = args.model_seq_lens or (model_level.QUICK_SEQ_LENS if args.quick else model_level.FULL_SEQ_LENS)
     if min(model_seq_lens) <= model_level.DEMO_LEN:
         raise ValueError(f"--model-seq-lens must exceed the demonstration length {model_level.DEMO_LEN}")
+    if args.child_json is not None:  # one isolated point: its rows only, no report
+        args.child_json.write_text(json.dumps(run_model_level(args, model_seq_lens, device)))
+        return {}
     results = {
-        "mode": "quick" if args.quick else "full",
+        "mode": args.name or ("quick" if args.quick else "full"),
         "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv),
         "environment": report.environment(device),
         "conventions": report.CONVENTIONS,
         "methods": {
             **{m.name: {"level": "kernel", "description": m.description, "computes_masses": m.computes_masses}
                for m in METHODS.values()},
-            **{f"model/{m.name}": {"level": "model", "description": m.description, "computes_masses": True}
+            **{f"model/{m.name}": {"level": "model", "description": m.description,
+                                   "computes_masses": m.computes_masses}
                for m in model_level.MODEL_METHODS.values()},
         },
         "kernel": run_kernel_level(args, shapes, device, timing) if "kernel" in args.levels else [],
