@@ -10,6 +10,7 @@ a random class every DEMO_LEN tokens (token id = class id), the query is the las
 """
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -195,7 +196,8 @@ def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device
     """Status and, when ok: median_ms of `reps` steps after one warm-up step, peak_memory_gib (None off
     CUDA), saved_gib (the storages autograd keeps for backward in the warm-up step's forward, each counted once;
     weights included), peak_rss_gib (this process's peak resident memory after the steps: the point's own peak
-    when it runs in a fresh process, --isolate), and the warm-up step's loss and mean label mass (the same for
+    when it runs in a fresh process, --isolate), the 1-minute load average after the steps (other work on the
+    machine slows CPU timings), and the warm-up step's loss and mean label mass (the same for
     every method that computes masses, up to rounding; None for the others). memory_limit (bytes, default the
     device's memory): eager is skipped when its estimate exceeds it."""
     reason = too_big(eager_memory(model, seq_len), device, memory_limit) if method.name == "eager" else None
@@ -214,7 +216,8 @@ def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device
         model.zero_grad(set_to_none=True)
         median_ms = wall_median_ms(step, device, 0, reps)
         return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device),
-                "saved_gib": saved / 2 ** 30, "peak_rss_gib": peak_rss_gib(), "loss": loss.item(),
+                "saved_gib": saved / 2 ** 30, "peak_rss_gib": peak_rss_gib(),
+                "load_average_1min": round(os.getloadavg()[0], 2), "loss": loss.item(),
                 "mean_label_mass": None if label_mass is None else label_mass.item()}
 
     return guarded(measure, device)
