@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--isolate", action="store_true",
                         help="run every model-level point (model, N, method) in a fresh Python process, so that its "
-                             "peak resident memory (peak_rss_gib) is its own")
+                             "peak resident memory (peak_rss_gib) is its own; each finished point is appended to "
+                             "<out>/<name>.points.jsonl and not measured again by a later run with the same --name")
     parser.add_argument("--model-reps", type=int, default=None,
                         help="timed model steps per point after the warm-up step (default: 3; quick: 1)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
@@ -78,7 +80,7 @@ def run_kernel_level(args, shapes: list, device: torch.device, timing: Timing) -
     return rows
 
 
-def run_model_level(args, seq_lens: list, device: torch.device) -> list:
+def run_model_level(args, seq_lens: list, device: torch.device, points_path: Optional[Path] = None) -> list:
     rows = []
     names = args.models or (model_level.CPU_MODELS if args.quick or device.type == "cpu"
                             else model_level.FULL_GPU_MODELS)
@@ -88,7 +90,7 @@ def run_model_level(args, seq_lens: list, device: torch.device) -> list:
     methods = [model_level.MODEL_METHODS[name] for name in args.model_methods]
     for name in names:
         if args.isolate:
-            points = (_run_isolated(args, name, seq_len, method.name, reps)
+            points = (_isolated_point(args, name, seq_len, method.name, reps, points_path)
                       for seq_len in seq_lens for method in methods)
         else:
             points = model_level.sweep_model(name, methods, seq_lens, device, dtype, reps, limit)
@@ -98,6 +100,20 @@ def run_model_level(args, seq_lens: list, device: torch.device) -> list:
             _progress(row, f"model {name} N={row['seq_len']}")
             rows.append(row)
     return rows
+
+
+def _isolated_point(args, name: str, seq_len: int, method: str, reps: int, points_path: Path) -> dict:
+    """The point's row from points_path when an earlier run measured it, else measured now and appended there."""
+    if points_path.is_file():
+        for line in points_path.read_text().splitlines():
+            row = json.loads(line)
+            if (row["model"], row["seq_len"], row["method"]) == (name, seq_len, method):
+                return row
+    row = _run_isolated(args, name, seq_len, method, reps)
+    points_path.parent.mkdir(parents=True, exist_ok=True)
+    with points_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
 def _run_isolated(args, name: str, seq_len: int, method: str, reps: int) -> dict:
@@ -142,8 +158,10 @@ def main(argv=None) -> dict:
     if args.child_json is not None:  # one isolated point: its rows only, no report
         args.child_json.write_text(json.dumps(run_model_level(args, model_seq_lens, device)))
         return {}
+    mode = args.name or ("quick" if args.quick else "full")
+    out_dir = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
     results = {
-        "mode": args.name or ("quick" if args.quick else "full"),
+        "mode": mode,
         "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv),
         "environment": report.environment(device),
         "conventions": report.CONVENTIONS,
@@ -155,9 +173,9 @@ def main(argv=None) -> dict:
                for m in model_level.MODEL_METHODS.values()},
         },
         "kernel": run_kernel_level(args, shapes, device, timing) if "kernel" in args.levels else [],
-        "model": run_model_level(args, model_seq_lens, device) if "model" in args.levels else [],
+        "model": run_model_level(args, model_seq_lens, device, out_dir / f"{mode}.points.jsonl")
+        if "model" in args.levels else [],
     }
-    out_dir = args.out or Path(__file__).resolve().parent / "results" / device_slug(device)
     written = report.write(results, out_dir)
     print()
     print(report.summary(results))
