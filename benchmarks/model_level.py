@@ -9,6 +9,8 @@ a random class every DEMO_LEN tokens (token id = class id), the query is the las
 """
 from __future__ import annotations
 
+import os
+import resource
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,7 +21,7 @@ from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
 from abft_kernels.ops.label_attention.masks import gather_rows, label_one_hot
 
 from .shapes import label_positions
-from .timing import guarded, peak_memory_gib, too_big, wall_median_ms
+from .timing import guarded, peak_memory_gib, saved_bytes, too_big, wall_median_ms
 
 # Shapes of public checkpoints; the weights are random (timing needs no trained weights).
 MODEL_CONFIGS = {
@@ -134,18 +136,21 @@ def eager_memory(model, seq_len: int) -> float:
     return weights + config.num_hidden_layers * config.num_attention_heads * seq_len ** 2 * (elem + 4)
 
 
-def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
-    """Returns the loss and the mean label mass S over layers and heads (loss is 0 until a head passes
-    the induction filter, so S is what shows that methods agree on a random model). masses_of=None is
-    the plain training step: no masses, the loss is the mean square of the query token's last hidden
-    state, and S is None."""
+def step_loss(model, batch: ModelBatch, kwargs: dict, masses_of):
+    """The forward half of a step: the loss and the mean label mass S over layers and heads (loss is 0 until a head
+    passes the induction filter, so S is what shows that methods agree on a random model). masses_of None (plain
+    training): loss = mean square of the query token's last hidden state, S = None."""
     outputs = model(input_ids=batch.input_ids, output_attentions=masses_of is not None, use_cache=False, **kwargs)
     if masses_of is None:
         query_state = gather_rows(outputs.last_hidden_state[:, None], batch.query_rows)
-        loss, label_mass = query_state.float().square().mean(), None
-    else:
-        loss, info = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
-        label_mass = info.label_mass.mean()
+        return query_state.float().square().mean(), None
+    loss, info = ak.abft_loss(masses_of(outputs), batch.target_class, batch.key_class, batch.query_rows)
+    return loss, info.label_mass.mean()
+
+
+def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
+    """One step: step_loss, backward, zero_grad. Returns the loss and S (see step_loss)."""
+    loss, label_mass = step_loss(model, batch, kwargs, masses_of)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return loss.detach(), label_mass
@@ -167,11 +172,15 @@ def resolved_backend(method: ModelMethod, name: str, device: torch.device, dtype
 
 
 def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, dtype: torch.dtype, reps: int,
-                num_layers: Optional[int] = None, done: Callable[[dict], bool] = lambda row: False,
-                not_run: Callable[[dict], Optional[dict]] = lambda row: None):
+                memory_limit: Optional[float] = None, num_layers: Optional[int] = None,
+                done: Callable[[dict], bool] = lambda row: False,
+                not_run: Callable[[dict], Optional[dict]] = lambda row: None,
+                measure: Optional[Callable[[dict], dict]] = None):
     """Yields the result row of every (N, method) on model `name` (see measure_model), with num_layers of its
     layers (default: all). Rows for which done(row) is true are left out; a row for which not_run(row) gives
-    a status and reason is yielded with them, unmeasured. The model is built for the first row measured."""
+    a status and reason is yielded with them, unmeasured. measure(row) gives the result fields of a row measured
+    elsewhere (benchmarks.run --isolate: in a fresh process); by default the model is built here for the first
+    row measured and measure_model measures it (memory_limit: see there)."""
     layers = num_layers or MODEL_CONFIGS[name]["num_hidden_layers"]
     built = None
     for seq_len in seq_lens:
@@ -187,19 +196,33 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
             if reason is not None:
                 yield {**row, **reason}
                 continue
+            if measure is not None:
+                yield {**row, **measure(row)}
+                continue
             if built is None:
                 built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens), num_layers)}, device)
             if "model" not in built:
                 yield {**row, "status": built["status"], "reason": "building the model failed: " + built["reason"]}
             else:
-                yield {**row, **measure_model(built["model"], method, seq_len, device, reps)}
+                yield {**row, **measure_model(built["model"], method, seq_len, device, reps, memory_limit)}
 
 
-def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int) -> dict:
+def peak_rss_gib() -> float:
+    """The peak resident memory of this process so far (ru_maxrss), in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+
+
+def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device, reps: int,
+                  memory_limit: Optional[float] = None) -> dict:
     """Status and, when ok: median_ms of `reps` steps after one warm-up step, peak_memory_gib (None off
-    CUDA), the warm-up step's loss and mean label mass (the same for every method that computes masses, up
-    to rounding; None for plain SDPA) and weights_gib, the bytes of the weights (part of the peak)."""
-    reason = too_big(eager_memory(model, seq_len), device) if method.name == "eager" else None
+    CUDA), saved_gib (the storages autograd keeps for backward in the warm-up step's forward, each counted once;
+    weights included), peak_rss_gib (this process's peak resident memory after the steps: the point's own peak
+    when it runs in a fresh process, --isolate), the 1-minute load average after the steps (other work on the
+    machine slows CPU timings), the warm-up step's loss and mean label mass (the same for every method that
+    computes masses, up to rounding; None for plain SDPA) and weights_gib, the bytes of the weights (part of
+    every peak). memory_limit (bytes, default 90% of the device's memory): eager is skipped when its estimate
+    exceeds it."""
+    reason = too_big(eager_memory(model, seq_len), device, memory_limit) if method.name == "eager" else None
     if reason is not None:
         return {"status": "skipped", "reason": reason}
 
@@ -210,10 +233,14 @@ def measure_model(model, method: ModelMethod, seq_len: int, device: torch.device
         def step():
             abft_step(model, batch, kwargs, masses_of)
 
-        loss, label_mass = abft_step(model, batch, kwargs, masses_of)
+        saved, (loss, label_mass) = saved_bytes(lambda: step_loss(model, batch, kwargs, masses_of))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         median_ms = wall_median_ms(step, device, 0, reps)
-        return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device), "loss": loss.item(),
+        return {"median_ms": median_ms, "peak_memory_gib": peak_memory_gib(step, device),
+                "saved_gib": saved / 2 ** 30, "peak_rss_gib": peak_rss_gib(),
+                "load_average_1min": round(os.getloadavg()[0], 2), "loss": loss.item(),
                 "mean_label_mass": None if label_mass is None else label_mass.item(), "weights_gib": weights / 2 ** 30}
 
     return guarded(measure, device)

@@ -25,6 +25,10 @@ CONVENTIONS = {
                     "inputs from the row recompute of backend 'torch'; forward only",
     "model step": "forward with output_attentions, abft_loss, backward, zero_grad; median of the timed steps "
                   "after one warm-up step; W_Q and W_K trainable, no optimizer step, no LM head",
+    "peak_rss_gib": "model level: the peak resident memory (ru_maxrss) of the process that ran the point, with "
+                    "--isolate a fresh one per point (Python, torch and the weights included); null otherwise",
+    "saved_gib": "model level: the storages autograd keeps for backward from the warm-up step's forward and loss, "
+                 "each counted once (weights included)",
     "status": "ok | OOM (ran out of memory) | skipped (a size estimate said it cannot fit, or the run's time "
               "budget was spent) | unavailable (cannot run here; see reason) | error (see reason)",
     "wall_s": "wall time of the whole measurement (building, warm-up, compiles, timing), for planning runs",
@@ -142,6 +146,15 @@ def markdown(results: dict) -> str:
         lines += _table(rows, methods, "median_ms", ".4g")
         if any(r.get("peak_memory_gib") is not None for r in rows):
             lines += ["", "Peak memory, GiB:", ""] + _table(rows, methods, "peak_memory_gib", ".3g")
+        if any(r.get("peak_rss_gib") is not None for r in rows):
+            lines += ["", "Peak resident memory of the point's process, GiB:", ""]
+            lines += _table(rows, methods, "peak_rss_gib", ".3g")
+        if any(r.get("saved_gib") is not None for r in rows):
+            lines += ["", "Saved for backward, GiB:", ""] + _table(rows, methods, "saved_gib", ".3g")
+        skipped = [r for r in rows if r["status"] in ("skipped", "OOM", "error")]
+        if skipped:
+            lines += ["", "Not measured:", ""]
+            lines += [f"* {r['method']}, N={r['seq_len']}: {r['status']}, {r['reason']}" for r in skipped]
         mass_methods = [m for m in methods if results["methods"][f"model/{m}"]["computes_masses"]]
         lines += ["", "Mean label mass S of the first step (equal across methods up to rounding):", ""]
         lines += _table(rows, mass_methods, "mean_label_mass", ".6g")
@@ -180,6 +193,10 @@ def plot(results: dict, out_dir: Path, prefix: str) -> list:
         metrics = [("median_ms", "step time (ms)")]
         if any(r.get("peak_memory_gib") is not None for r in rows):
             metrics.append(("peak_memory_gib", "peak memory (GiB)"))
+        if any(r.get("peak_rss_gib") is not None for r in rows):
+            metrics.append(("peak_rss_gib", "peak resident memory (GiB)"))
+        if any(r.get("saved_gib") is not None for r in rows):
+            metrics.append(("saved_gib", "saved for backward (GiB)"))
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
         for col, (key, label) in enumerate(metrics):
             _plot_lines(axes[0][col], rows, key, label, model)

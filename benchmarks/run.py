@@ -4,6 +4,7 @@ Sweeps the kernel-level shapes and the model-level prompt lengths, writes <mode>
 PNG plots to benchmarks/results/<device>/ and prints a short table. Every failure (out of memory,
 a method that cannot run here) is recorded in the results; none stops the run. The JSON is rewritten
 after every measurement, so a run that is killed keeps what it measured, and --resume continues it.
+With --isolate every model-level point runs in a fresh process (its peak resident memory is its own).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import argparse
 import gc
 import json
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -78,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-layers", type=int, default=None,
                         help="keep only the first layers of each model (default: all; the results say so)")
     parser.add_argument("--model-reps", type=int, default=None, help="timed steps per model row (default: 3; quick: 1)")
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="skip eager attention where its memory estimate exceeds this (default: 90%% of the "
+                             "device's memory)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run every model-level point (model, N, method) in a fresh Python process, so that its "
+                             "peak resident memory (peak_rss_gib) is its own; each finished point is also appended "
+                             "to <out>/<name>.points.jsonl and not measured again by a later run with the same name")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no measurement after this many seconds; the rest is recorded as skipped")
     parser.add_argument("--resume", action="store_true",
@@ -85,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "skipped for time); methods that broke the CUDA context there are not run again")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="write PNG plots")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--name", default=None,
+                        help="results file name: <name>.json/.md/_*.png (default: the preset's name, else full or "
+                             "quick)")
+    parser.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)  # --isolate's children
     args = parser.parse_args(argv)
     for key, value in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, key, None) is None:
@@ -93,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--model-layers must be at least 1")
     if args.model_reps is not None and args.model_reps < 1:
         parser.error("--model-reps must be at least 1")
+    if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
+        parser.error("--memory-limit-gib must be positive")
+    if args.model_reps is None:
+        args.model_reps = 1 if args.quick else 3
     return args
 
 
@@ -116,14 +134,10 @@ class Book:
             results["broken_methods"].update(earlier.get("broken_methods", {}))
             for level in ROW_KEYS:  # rows skipped for time stay until a measurement replaces them
                 results[level] = earlier.get(level, []) + results[level]
-                self.done_keys |= {self._key(r) for r in results[level] if not _budget_skipped(r)}
-
-    @staticmethod
-    def _key(row: dict) -> tuple:
-        return (row["level"],) + tuple(row.get(k) for k in ROW_KEYS[row["level"]])
+                self.done_keys |= {row_key(r) for r in results[level] if not _budget_skipped(r)}
 
     def done(self, row: dict) -> bool:
-        return self._key(row) in self.done_keys
+        return row_key(row) in self.done_keys
 
     def not_run(self, row: dict) -> Optional[dict]:
         """The status and reason of a row that is not to be measured, or None."""
@@ -137,7 +151,7 @@ class Book:
 
     def add(self, row: dict, where: str) -> None:
         rows = self.results[row["level"]]
-        same = [i for i, earlier in enumerate(rows) if self._key(earlier) == self._key(row)]
+        same = [i for i, earlier in enumerate(rows) if row_key(earlier) == row_key(row)]
         if same:  # a row that an earlier run skipped for time
             rows[same[0]] = row
         else:
@@ -150,6 +164,11 @@ class Book:
         report.write_json(self.results, self.out_dir)
         if broken is not None:
             raise ContextBroken(self.results["context_broken"])
+
+
+def row_key(row: dict) -> tuple:
+    """The fields that identify a result row's measurement (ROW_KEYS), with its level."""
+    return (row["level"],) + tuple(row.get(k) for k in ROW_KEYS[row["level"]])
 
 
 def _budget_skipped(row: dict) -> bool:
@@ -187,21 +206,68 @@ def run_kernel_level(args, shapes: list, device: torch.device, timing: Timing, b
         book.add({**row, "wall_s": round(time.monotonic() - start, 1)}, where)
 
 
+def model_sweep(args, name: str, seq_lens: list, device: torch.device, **hooks):
+    """model_level.sweep_model of model `name` with the options of args; hooks: its done, not_run and measure."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    limit = None if args.memory_limit_gib is None else args.memory_limit_gib * 2 ** 30
+    methods = [model_level.MODEL_METHODS[m] for m in args.model_methods]
+    return model_level.sweep_model(name, methods, seq_lens, device, dtype, args.model_reps, limit, args.model_layers,
+                                   **hooks)
+
+
 def run_model_level(args, seq_lens: list, device: torch.device, book: Book) -> None:
     names = args.models or (model_level.CPU_MODELS if args.quick or device.type == "cpu"
                             else model_level.FULL_GPU_MODELS)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reps = args.model_reps or (1 if args.quick else 3)
-    methods = [model_level.MODEL_METHODS[name] for name in args.model_methods]
+    points_path = book.out_dir / f"{book.results['mode']}.points.jsonl"
+    measure = (lambda row: isolated_point(args, row, points_path)) if args.isolate else None
     for name in names:
         start = time.monotonic()
-        for row in model_level.sweep_model(name, methods, seq_lens, device, dtype, reps, args.model_layers,
-                                           book.done, book.not_run):
-            book.add({**row, "wall_s": round(time.monotonic() - start, 1)}, f"model {name} N={row['seq_len']}")
+        for row in model_sweep(args, name, seq_lens, device, done=book.done, not_run=book.not_run, measure=measure):
+            if not args.isolate and "peak_rss_gib" in row:
+                row["peak_rss_gib"] = None  # the peak of a process that ran other points too: not this point's
+            row.setdefault("wall_s", round(time.monotonic() - start, 1))  # an isolated point has its process's
+            book.add(row, f"model {name} N={row['seq_len']}")
             start = time.monotonic()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def isolated_point(args, row: dict, points_path: Path) -> dict:
+    """The measured row of model-level point `row` (its fields before measuring): the one in points_path when an
+    earlier run measured it, else measured now in a fresh process (isolated_run) and appended there."""
+    if points_path.is_file():
+        for line in points_path.read_text().splitlines():
+            earlier = json.loads(line)
+            if row_key(earlier) == row_key(row):
+                return earlier
+    start = time.monotonic()
+    measured = {**row, **isolated_run(args, row), "wall_s": round(time.monotonic() - start, 1)}
+    points_path.parent.mkdir(parents=True, exist_ok=True)
+    with points_path.open("a") as f:
+        f.write(json.dumps(measured) + "\n")
+    return measured
+
+
+def isolated_run(args, row: dict) -> dict:
+    """The result fields of model-level point `row`, measured in a fresh `python -m benchmarks.run --child-json`
+    process; a process that dies (e.g. killed for memory) gives status OOM (SIGKILL) or error and the reason."""
+    command = [sys.executable, "-m", "benchmarks.run", "--levels", "model", "--device", args.device,
+               "--models", row["model"], "--model-methods", row["method"], "--model-seq-lens", str(row["seq_len"]),
+               "--model-reps", str(args.model_reps)]
+    for option, value in (("--threads", args.threads), ("--memory-limit-gib", args.memory_limit_gib),
+                          ("--model-layers", args.model_layers)):
+        if value is not None:
+            command += [option, str(value)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.json"
+        done = subprocess.run(command + ["--child-json", str(path)], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return json.loads(path.read_text())[0]
+    status = "OOM" if done.returncode == -9 else "error"
+    tail = (done.stderr.strip().splitlines() or [""])[-1][:300]
+    return {"status": status, "reason": f"the point's process exited with {done.returncode}: {tail}"}
 
 
 def _progress(row: dict, where: str) -> None:
@@ -220,9 +286,13 @@ def main(argv=None) -> dict:
     model_seq_lens = args.model_seq_lens or (model_level.QUICK_SEQ_LENS if args.quick else model_level.FULL_SEQ_LENS)
     if min(model_seq_lens) <= model_level.DEMO_LEN:
         raise ValueError(f"--model-seq-lens must exceed the demonstration length {model_level.DEMO_LEN}")
+    if args.child_json is not None:  # one --isolate point, measured in this process: its row only, no report
+        rows = list(model_sweep(args, args.models[0], model_seq_lens, device))
+        args.child_json.write_text(json.dumps(rows))
+        return {}
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = {
-        "mode": args.preset or ("quick" if args.quick else "full"),
+        "mode": args.name or args.preset or ("quick" if args.quick else "full"),
         "quick": args.quick,
         "command": command,
         "commands": [command],

@@ -66,16 +66,36 @@ def peak_memory_gib(fn: Callable[[], object], device: torch.device) -> Optional[
     return torch.cuda.max_memory_allocated(device) / 2 ** 30
 
 
+def saved_bytes(fn: Callable[[], object]):
+    """(bytes, fn()): the bytes of the distinct storages autograd saves for backward while fn runs (a
+    saved_tensors_hooks pack hook sees every saved tensor; views of one storage count once)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(storages.values()), result
+
+
 def device_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def too_big(needed_bytes: Optional[float], device: torch.device) -> Optional[str]:
-    """A 'skipped: ...' reason when an estimate says a run cannot fit in the device's memory."""
+def too_big(needed_bytes: Optional[float], device: torch.device, limit: Optional[float] = None) -> Optional[str]:
+    """A 'skipped: ...' reason when an estimate says a run cannot fit in the device's memory (90% of it), or in
+    `limit` bytes when given."""
     if needed_bytes is None:
         return None
+    if limit is not None:
+        if needed_bytes <= limit:
+            return None
+        return f"estimate {needed_bytes / 2 ** 30:.1f} GiB > the {limit / 2 ** 30:.0f} GiB limit"
     have = device_memory_bytes(device)
     if needed_bytes <= 0.9 * have:
         return None

@@ -68,7 +68,8 @@ def test_every_model_method_runs_and_agrees(quick_results):
                                                           "abft": "torch"}
     eager = rows[0]
     for r in rows:
-        assert r["status"] == "ok" and r["median_ms"] > 0 and r["weights_gib"] > 0, r
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["weights_gib"] > 0 and r["saved_gib"] > 0, r
+        assert r["peak_rss_gib"] is None, r  # one process ran every point: no point's own peak
         if not MODEL_METHODS[r["method"]].computes_masses:  # plain SDPA training: no masses, another loss
             assert r["mean_label_mass"] is None and r["loss"] > 0, r
             continue
@@ -94,3 +95,23 @@ def test_abft_bench_runs_the_runner(tmp_path):
               "--out", str(tmp_path)])
     results = json.loads((tmp_path / "quick.json").read_text())
     assert [r["status"] for r in results["kernel"]] == ["ok", "ok"]
+
+
+def test_isolate_measures_each_point_in_its_own_process_and_reuses_it(tmp_path, monkeypatch):
+    common = ["--levels", "model", "--device", "cpu", "--threads", "1", "--models", "smollm2-135m", "--model-layers",
+              "1", "--model-methods", "sdpa", "--model-seq-lens", "128", "--model-reps", "1", "--isolate", "--name",
+              "iso", "--no-plots", "--out", str(tmp_path)]
+    skipped = run.main(common + ["--budget-s", "0"])["model"]
+    assert [r["status"] for r in skipped] == ["skipped"] and not (tmp_path / "iso.points.jsonl").exists()
+
+    [row] = run.main(common)["model"]
+    assert row["status"] == "ok" and row["num_layers"] == 1 and row["saved_gib"] > 0, row
+    assert row["peak_rss_gib"] > 0 and row["wall_s"] >= 0, row  # the child process's own peak
+    assert [json.loads(line) for line in (tmp_path / "iso.points.jsonl").read_text().splitlines()] == [row]
+    assert json.loads((tmp_path / "iso.json").read_text())["model"] == [row]
+
+    def no_process(args, point):
+        raise AssertionError(f"measured again: {point}")
+
+    monkeypatch.setattr(run, "isolated_run", no_process)
+    assert run.main(common)["model"] == [row]  # a rerun with the same --name takes the point from the points file

@@ -1,13 +1,17 @@
 """torch scaled_dot_product_attention under label_attention's masking rules, without an N x N mask.
 
 Without padding the mask is SDPA's own causal flag. With padding the rows are processed in chunks,
-each with a bool mask of [B, 1, rows, N], so memory stays O(chunk · N). Rows that see no key at all
-(e.g. left padding under a causal mask) give zeros, not NaN.
+each with a bool mask of [B, 1, rows, N] built from the O(N) padding mask, so transient memory stays
+O(chunk · N). Autograd keeps none of those masks: PaddedSDPAFunction saves q, k and v only and
+recomputes each chunk in backward (activation checkpointing per chunk), so the memory kept for
+backward is O(B·H·N·D) with or without padding. Rows that see no key at all (e.g. left padding under a
+causal mask) give zeros, not NaN.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .validation import LabelAttentionArgs
 from .masks import row_key_visibility
@@ -18,19 +22,73 @@ _CHUNK_ELEMENTS = 1 << 26
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LabelAttentionArgs) -> torch.Tensor:
     """SDPA of q [B,Hq,N,D] over k [B,Hkv,N,D], v [B,Hkv,N,Dv] with args' causal flag and padding."""
-    enable_gqa = q.shape[1] != k.shape[1]
+    value_dim = v.shape[-1]
+    if value_dim != q.shape[-1]:
+        # SDPA's fused kernels need Dv == D; its math fallback would save P (B·H·N² floats) for backward. Zero
+        # columns change no score (the scale is explicit) and no output column.
+        width = max(value_dim, q.shape[-1])
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     if args.key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=args.causal, scale=args.scale, enable_gqa=enable_gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=args.causal, scale=args.scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+    else:
+        out = PaddedSDPAFunction.apply(q, k, v, args)
+    return out[..., :value_dim]
+
+
+def _row_chunks(q: torch.Tensor):
     batch, num_heads, seq_len, _ = q.shape
     chunk = max(1, _CHUNK_ELEMENTS // (batch * num_heads * seq_len))
-    outs = []
     for start in range(0, seq_len, chunk):
-        rows = torch.arange(start, min(start + chunk, seq_len), device=q.device).expand(batch, -1)
-        visible = row_key_visibility(args, rows)
-        has_key = visible.any(-1, keepdim=True)
-        # A row with no visible key would give NaN; let it see everything and zero it afterwards.
-        mask = (visible | ~has_key)[:, None]
-        out = F.scaled_dot_product_attention(
-            q[:, :, start:start + rows.shape[1]], k, v, attn_mask=mask, scale=args.scale, enable_gqa=enable_gqa)
-        outs.append(out * has_key[:, None].to(out.dtype))
-    return torch.cat(outs, dim=2)
+        yield slice(start, min(start + chunk, seq_len))
+
+
+def _padded_chunk(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LabelAttentionArgs,
+                  part: slice) -> torch.Tensor:
+    """SDPA output [B,Hq,rows,Dv] of the query rows q_rows = q[:, :, part], under a bool mask built here from the
+    padding mask."""
+    rows = torch.arange(part.start, part.stop, device=q_rows.device).expand(q_rows.shape[0], -1)
+    visible = row_key_visibility(args, rows)
+    has_key = visible.any(-1, keepdim=True)
+    # A row with no visible key would give NaN; let it see everything and zero it afterwards.
+    mask = (visible | ~has_key)[:, None]
+    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask, scale=args.scale,
+                                         enable_gqa=q_rows.shape[1] != k.shape[1])
+    return out * has_key[:, None].to(out.dtype)
+
+
+class PaddedSDPAFunction(torch.autograd.Function):
+    """masked_sdpa with a key padding mask: forward chunk by chunk, backward recomputes each chunk.
+
+    Saving SDPA's autograd graph would keep every chunk's [B,1,rows,N] mask (B·N² elements in all); this saves
+    q, k, v and recomputes one chunk at a time in backward (one extra forward of the attention).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, args: LabelAttentionArgs):
+        ctx.save_for_backward(q, k, v)
+        ctx.args = args
+        return torch.cat([_padded_chunk(q[:, :, part], k, v, args, part) for part in _row_chunks(q)], dim=2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:3]
+        grad_q = torch.zeros_like(q) if wanted[0] else None
+        grad_k = torch.zeros_like(k) if wanted[1] else None
+        grad_v = torch.zeros_like(v) if wanted[2] else None
+        k_leaf, v_leaf = k.detach().requires_grad_(wanted[1]), v.detach().requires_grad_(wanted[2])
+        for part in _row_chunks(q):
+            q_leaf = q[:, :, part].detach().requires_grad_(wanted[0])
+            with torch.enable_grad():
+                out = _padded_chunk(q_leaf, k_leaf, v_leaf, ctx.args, part)
+            inputs = [t for t, need in zip((q_leaf, k_leaf, v_leaf), wanted) if need]
+            grads = iter(torch.autograd.grad(out, inputs, grad_out[:, :, part]))
+            if wanted[0]:
+                grad_q[:, :, part] = next(grads)
+            if wanted[1]:
+                grad_k += next(grads)
+            if wanted[2]:
+                grad_v += next(grads)
+        return grad_q, grad_k, grad_v, None

@@ -1,0 +1,66 @@
+"""Memory kept for backward grows as O(N), never O(N²), in every backend that runs on CPU (issue 13).
+
+Deterministic bytes, not timings: every tensor autograd saves during one forward is seen by a
+saved_tensors_hooks pack hook, and each storage is counted once (views of q share q's storage). The bytes at
+2N must stay within 2.2x of those at N. A [B,1,N,N] mask kept per layer (the bug of issue 13: padded chunks'
+masks saved by SDPA's autograd) makes them grow about 3.5x at these sizes.
+
+Backends: torch; triton (under TRITON_INTERPRET=1); cuda's autograd glue around the stand-in extension of
+test_cuda_extension (its output path is torch's padded SDPA). The reference backend is left out: it
+materialises P in float64 by design (O(N²), tests only).
+"""
+import pytest
+import torch
+
+import abft_kernels as ak
+from abft_kernels.ops.label_attention import sdpa
+from benchmarks.timing import saved_bytes
+from helpers import assert_matches_reference, make_problem
+from test_cuda_extension import cuda_backend_with_stand_in  # noqa: F401  (a fixture)
+
+SEQ_LEN = 128
+MAX_GROWTH = 2.2
+
+
+def step_saved_bytes(seq_len: int, backend: str, padding: str, rows: str) -> int:
+    """Bytes autograd keeps from one label_attention forward for its backward; rows "output" = every mass slot empty (-1): the output path."""
+    problem = make_problem(batch=2, heads=2, kv_heads=1, seq_len=seq_len, head_dim=8, num_classes=3, padding=padding,
+                           rows="all" if rows == "all" else "last", seed=seq_len)
+    if rows == "output":
+        problem["query_rows"] = torch.full((2, 1), -1)
+    leaves = {name: problem[name].requires_grad_(True) for name in ("q", "k", "v")}
+
+    return saved_bytes(lambda: ak.label_attention(**{**problem, **leaves}, backend=backend))[0]
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not ak.backend_available("triton"), reason="triton is not installed")), "cuda"]
+
+
+@pytest.fixture
+def backend_on_cpu(request):
+    """The backend name; "cuda" runs its glue around the CPU stand-in extension."""
+    if request.param == "cuda":
+        request.getfixturevalue("cuda_backend_with_stand_in")
+    return request.param
+
+
+@pytest.mark.parametrize("backend_on_cpu", BACKENDS, indirect=True)
+@pytest.mark.parametrize("padding", ["none", "left", "right", "both"])
+@pytest.mark.parametrize("rows", ["last", "all", "output"])
+def test_saved_bytes_grow_linearly(backend_on_cpu, padding, rows):
+    small = step_saved_bytes(SEQ_LEN, backend_on_cpu, padding, rows)
+    large = step_saved_bytes(2 * SEQ_LEN, backend_on_cpu, padding, rows)
+    assert large <= MAX_GROWTH * small, (
+        f"backend={backend_on_cpu}, padding={padding}, rows={rows}: autograd saves {small} bytes at N={SEQ_LEN} and "
+        f"{large} at N={2 * SEQ_LEN} ({large / small:.2f}x > {MAX_GROWTH}x): something O(N²) is kept for backward")
+
+
+@pytest.mark.parametrize("padding", ["left", "both"])
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_padded_sdpa_in_several_chunks_matches_reference(monkeypatch, padding, rows):
+    """The padded output path split into chunks of 7 rows (forward and the per-chunk recompute of backward)."""
+    problem = make_problem(heads=4, kv_heads=2, seq_len=45, head_dim=8, num_classes=3, padding=padding, rows=rows,
+                           seed=11)
+    monkeypatch.setattr(sdpa, "_CHUNK_ELEMENTS", 2 * 4 * 45 * 7)
+    assert_matches_reference(problem, "torch")
