@@ -166,12 +166,7 @@ def save_heatmap(path: Path, before: EvalResult, after: Optional[EvalResult] = N
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         figure.colorbar(image, ax=ax)
-    figure.suptitle(title or "gold-label attention mass at the query token")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path, title or "gold-label attention mass at the query token")
 
 
 def save_dynamics(path: Path, log_history: List[dict], check=None, title: str = "") -> Path:
@@ -202,7 +197,13 @@ def save_dynamics(path: Path, log_history: List[dict], check=None, title: str = 
             ax.axhline(check.start, color="tab:green", linewidth=0.8)
         ax.set_title(name)
         ax.set_xlabel("step")
-    figure.suptitle(title or "ABFT training dynamics")
+    return _save_figure(figure, path, title or "ABFT training dynamics")
+
+
+def _save_figure(figure, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

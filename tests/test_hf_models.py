@@ -11,9 +11,11 @@ transformers = pytest.importorskip("transformers")
 import abft_kernels as ak  # noqa: E402  (registers "abft")
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk  # noqa: E402
 
+import hf_families  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
-VOCAB, SEQ_LEN, NUM_CLASSES = 100, 13, 3
+VOCAB = 100
+SEQ_LEN, NUM_CLASSES = hf_families.SEQ_LEN, hf_families.NUM_CLASSES
 # Tiny configs: 2 layers, hidden 32 or 64, GQA where the family has it. initializer_range is raised so that
 # attention is far from uniform and the masses differ between heads.
 _GQA = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
@@ -62,18 +64,8 @@ def with_implementation(model, attn_implementation: str):
 
 
 def icl_batch(seed: int = 0):
-    """Three rows: left-padded, right-padded, unpadded. Almost every real token is a label, so that the
-    induction filter counts heads; the query row is each sample's last real token."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, VOCAB, (3, SEQ_LEN), generator=gen)
-    mask = torch.ones(3, SEQ_LEN, dtype=torch.long)
-    mask[0, :4] = 0
-    mask[1, -3:] = 0
-    key_class = torch.randint(0, NUM_CLASSES, (3, SEQ_LEN), generator=gen)
-    key_class[:, [0, 6]] = -1
-    last_real = torch.tensor([[SEQ_LEN - 1], [SEQ_LEN - 4], [SEQ_LEN - 1]])
-    target = torch.randint(0, NUM_CLASSES, (3, 1), generator=gen)
-    return input_ids, mask, key_class, last_real, target
+    """Three rows (left-padded, right-padded, unpadded), as the family matrix builds them."""
+    return hf_families.icl_batch(VOCAB, seed)
 
 
 def masses_from_eager(model, input_ids, mask, key_class, rows):
