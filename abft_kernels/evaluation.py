@@ -175,7 +175,8 @@ def save_dynamics(path: Path, log_history: List[dict], check=None, title: str = 
 
     Args:
         path: the PNG to write. log_history: `trainer.state.log_history` of an ABFTTrainer (per step: step,
-            counted_heads, A, abft_loss, gold_mass). check: a `training.CountCheck` to draw its band, or None.
+            counted_heads, A, abft_loss, gold_mass; an e2e run: e2e_loss and no A). check: a `training.CountCheck`
+            to draw its band, or None.
 
     Returns:
         path.
@@ -187,8 +188,9 @@ def save_dynamics(path: Path, log_history: List[dict], check=None, title: str = 
 
     steps = [entry for entry in log_history if "counted_heads" in entry]
     x = [entry["step"] for entry in steps]
-    panels = [("counted_heads", "counted heads / prompt"), ("A", "A (used in the step)"),
-              ("abft_loss", "ABFT loss"), ("gold_mass", "gold-label mass")]
+    panels = [("counted_heads", "counted heads / prompt"), ("A", "A (used in the step)"), ("abft_loss", "ABFT loss"),
+              ("e2e_loss", "E2E loss (cross-entropy)"), ("gold_mass", "gold-label mass")]
+    panels = [(key, name) for key, name in panels if steps and key in steps[0]]  # an e2e run has no A
     figure, axes = plt.subplots(1, len(panels), figsize=(14, 3.2), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels):
         ax.plot(x, [entry[key] for entry in steps], marker="o", markersize=3)

@@ -1,9 +1,9 @@
 """One ABFT forward pass on a Hugging Face model: the label spec, the model call with the "abft" attention, and the
 loss on the label masses it returns. Training (`training.ABFTTrainer`) and evaluation (`evaluation.evaluate`)
-both use it."""
+both use it; `e2e_forward` is the end-to-end fine-tuning baseline's loss on the same pass."""
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 
@@ -45,4 +45,33 @@ def abft_forward(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_cla
                     output_attentions=True, use_cache=False, logits_to_keep=logits_to_keep)
     loss, info = abft_loss(list(outputs.attentions), batch["target_class"], batch["key_class"], batch["query_rows"],
                            A=A, B=B, key_padding_mask=batch["attention_mask"].bool(), count_all_heads=count_all_heads)
+    return outputs, loss, info
+
+
+def e2e_forward(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_classes: int,
+                label_token_ids: Sequence[int]) -> Tuple[object, torch.Tensor, ABFTLossInfo]:
+    """The end-to-end fine-tuning baseline's forward (paper, section 5: "E2E"): cross-entropy of the read-out, the
+    C label words' next-token logits at each query row, against the gold class.
+
+    The model is called as by `abft_forward` (the "abft" attention, so `info` holds the counted heads and gold-label
+    mass of the same pass), but the loss is the cross-entropy alone: A and B play no part.
+
+    Args:
+        model, batch, num_classes: as `abft_forward`.
+        label_token_ids: the C read-out token ids, class order (`PromptBuilder.label_token_ids`).
+
+    Returns:
+        (outputs, loss, info): outputs.logits [B,R,V] at the query rows, the cross-entropy (0-d float32 tensor,
+        the mean over the rows with a target) and the `loss.ABFTLossInfo` of the pass.
+
+    Raises:
+        ValueError: len(label_token_ids) != num_classes; as `abft_forward`.
+    """
+    if len(label_token_ids) != num_classes:
+        raise ValueError(f"label_token_ids has {len(label_token_ids)} tokens for {num_classes} classes")
+    rows = batch["query_rows"].clamp(min=0)  # an empty slot (-1) has target -1: read anywhere, ignored below
+    outputs, _, info = abft_forward(model, batch, num_classes, logits_to_keep=rows)
+    label_ids = torch.as_tensor(list(label_token_ids), device=outputs.logits.device)
+    logits = outputs.logits[..., label_ids].float()  # [B,R,C]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["target_class"].flatten(), ignore_index=-1)
     return outputs, loss, info

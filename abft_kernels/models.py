@@ -69,11 +69,50 @@ def resolve_model(name_or_path: Optional[str]) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def check_4bit_support(device) -> None:
+    """Refuse `--load-in-4bit` where bitsandbytes' NF4 cannot run, before any model is loaded.
+
+    Raises:
+        ValueError: bitsandbytes is not installed, no CUDA GPU is available, or `device` is not a CUDA device.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load-in-4bit needs the bitsandbytes package (pip install bitsandbytes), which quantizes "
+                         "the model to NF4; it is not installed")
+    if not torch.cuda.is_available():
+        raise ValueError("--load-in-4bit needs a CUDA GPU: bitsandbytes' 4-bit (NF4) layers run on CUDA only, and "
+                         "this machine has none")
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"--load-in-4bit needs a CUDA device, got --device {device}")
+
+
+def load_model(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               load_in_4bit: bool = False):
     """(model, tokenizer) with attn_implementation="abft" (registered by importing abft_kernels) and no attention
-    dropout (ABFT's masses are of the attention probabilities themselves); the tokenizer always has a pad token."""
+    dropout (ABFT's masses are of the attention probabilities themselves); the tokenizer always has a pad token.
+
+    Args:
+        name_or_path: HF model path or name; None = the built-in model.
+        dtype: the weights' dtype (bfloat16 whatever is given when load_in_4bit).
+        device: where the model goes.
+        load_in_4bit: quantize the linear layers to 4 bits on load, as the paper did for its models above 10B:
+            transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16); only LoRA adapters can then be trained.
+
+    Raises:
+        ValueError: load_in_4bit where bitsandbytes or a CUDA device is missing (`check_4bit_support`, checked
+            before loading anything).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    quantization = {}
+    if load_in_4bit:
+        check_4bit_support(device)
+        from transformers import BitsAndBytesConfig
+
+        quantization = dict(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+            device_map={"": str(device)})  # quantized on load onto the GPU; such a model cannot be moved after
+        dtype = torch.bfloat16
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
@@ -82,6 +121,8 @@ def load_model(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.fl
     for name in ATTENTION_DROPOUT:
         if getattr(config, name, 0.0):
             setattr(config, name, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="abft")
-    model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation="abft",
+                                                 **quantization)
+    if not load_in_4bit:
+        model.to(device)
     return model, tokenizer

@@ -13,6 +13,11 @@ from typing import Literal, Optional
 
 from .icl.data import DEFAULT_TASK
 
+# LoRA rank of `--objective e2e` when --lora is not given: the paper's rank (it trained its models above 10B with
+# LoRA r = 16 on W_Q/W_K).
+E2E_LORA_RANK = 16
+
+
 def _help(text: str) -> dict:
     return {"help": text}
 
@@ -27,6 +32,9 @@ class DataSettings:
 
     model: Optional[str] = field(default=None, metadata=_help(
         "HF model path or name (default: the built-in SmolLM2-135M-Instruct GGUF)"))
+    load_in_4bit: bool = field(default=False, metadata=_help(
+        "load the model 4-bit quantized (bitsandbytes NF4, bf16 compute; needs bitsandbytes and a CUDA GPU), the "
+        "paper's regime for models above 10B; training then needs --lora (the paper: --lora 16 --lr 1e-4)"))
     dataset: str = field(default=DEFAULT_TASK, metadata=_help(
         "built-in task (rt-sentiment, rt-subj), paper dataset (sst2, mr, fp, sst5, trec, subj, tee, teh), "
         ".csv/.jsonl file or hub name"))
@@ -61,9 +69,14 @@ class ABFTSettings(DataSettings):
     "paper" is the paper's PID (`loss.PIDController`, gains kp, ki, kd), "fixed" keeps A = A0 (the no-PID
     ablation, `loss.FixedA`), "setpoint" is an option for learning rates far above the paper's: the same gains
     scaled by PAPER.lr / lr on the error to the first step's count, with A kept >= 0 (`loss.SetpointController`). Ablations: `count_all_heads` (no induction-head filter),
-    A0 = 0 with controller "fixed" (no wrong-label term), B = 0 (no gold-label term).
+    A0 = 0 with controller "fixed" (no wrong-label term), B = 0 (no gold-label term). Objective "e2e" replaces the
+    loss by the end-to-end baseline's cross-entropy on the read-out (`forward.e2e_forward`, LoRA: `training_settings`).
     """
 
+    objective: Literal["abft", "e2e"] = field(default="abft", metadata=_help(
+        "abft: the ABFT loss on the label attention masses (the method); e2e: the paper's end-to-end fine-tuning "
+        "baseline, cross-entropy of the read-out (the label words' logits at the query token) against the gold "
+        f"class, on LoRA adapters of W_Q/W_K (rank --lora, default {E2E_LORA_RANK}); A and its controller are unused"))
     lr: float = field(default=2e-5, metadata=_help("Adam learning rate (constant, no weight decay)"))
     steps: int = field(default=32, metadata=_help("optimiser steps"))
     prompts_per_step: int = field(default=32, metadata=_help("prompts per optimiser step (gradient accumulation)"))
@@ -92,6 +105,21 @@ DEMO = replace(PAPER, prompt_style="space-on-label", lr=5e-4, steps=16, prompts_
 QUICK = replace(DEMO, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=16, max_chars=100)
 # What decides the held-out split: `abft eval --weights` must use the training run's values.
 SPLIT_SETTINGS = ("dataset", "text_column", "label_column", "max_chars", "seed")
+
+
+def training_settings(settings: ABFTSettings) -> ABFTSettings:
+    """`settings` as a training run uses them: `--objective e2e` trains LoRA adapters, of rank E2E_LORA_RANK unless
+    --lora is given.
+
+    Raises:
+        ValueError: --load-in-4bit without --lora (a 4-bit model's weights cannot be trained, only adapters).
+    """
+    if settings.objective == "e2e" and settings.lora is None:
+        settings = replace(settings, lora=E2E_LORA_RANK)
+    if settings.load_in_4bit and settings.lora is None:
+        raise ValueError("--load-in-4bit needs --lora: the 4-bit quantized W_Q/W_K cannot be trained, only LoRA "
+                         "adapters on them (the paper: --lora 16 --lr 1e-4)")
+    return settings
 
 
 def data_settings(settings: DataSettings) -> DataSettings:

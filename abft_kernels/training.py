@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .forward import abft_forward
+from .forward import abft_forward, e2e_forward
 from .hf import trainable_qk
 from .loss import make_controller
 from .settings import PAPER, ABFTSettings
@@ -121,11 +121,14 @@ def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
 class ABFTController(TrainerCallback):
     """Collects what the loss saw over one optimiser step and updates A once per step.
 
-    `pid`: a controller of A from `loss.make_controller` (attribute A, update(counted_heads), state_dict()).
+    `pid`: a controller of A from `loss.make_controller` (attribute A, update(counted_heads), state_dict()), or None
+    when the loss has no A (`--objective e2e`): the step's loss (as `loss_name`), counted heads and gold-label mass
+    are still logged.
     """
 
-    def __init__(self, pid):
+    def __init__(self, pid, loss_name: str = "abft_loss"):
         self.pid = pid
+        self.loss_name = loss_name
         self.last: Dict[str, float] = {}
         self._sums = torch.zeros(4, dtype=torch.float64)  # loss, counted heads, gold mass, prompts
 
@@ -143,9 +146,11 @@ class ABFTController(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)  # every process steers A from the same global mean
         loss, heads, gold, prompts = (sums / sums[3].clamp(min=1)).tolist()
-        A_used = self.pid.A
-        self.pid.update(heads)
-        self.last = {"abft_loss": loss, "counted_heads": heads, "gold_mass": gold, "A": A_used, "next_A": self.pid.A}
+        self.last = {self.loss_name: loss, "counted_heads": heads, "gold_mass": gold}
+        if self.pid is not None:
+            A_used = self.pid.A
+            self.pid.update(heads)
+            self.last.update(A=A_used, next_A=self.pid.A)
         self._sums.zero_()
 
 
@@ -159,8 +164,10 @@ class ABFTProgressCallback(ProgressCallback):
     def on_step_end(self, args, state, control, **kwargs):
         last = self.controller.last  # the controller's on_step_end ran first: it was added before this callback
         if self.training_bar is not None and last:
-            self.training_bar.set_postfix({"loss": f"{last['abft_loss']:.3f}", "heads": f"{last['counted_heads']:.1f}",
-                                           "A": f"{last['A']:.3f}"}, refresh=False)
+            postfix = {"loss": f"{last[self.controller.loss_name]:.3f}", "heads": f"{last['counted_heads']:.1f}"}
+            if "A" in last:
+                postfix["A"] = f"{last['A']:.3f}"
+            self.training_bar.set_postfix(postfix, refresh=False)
         super().on_step_end(args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -169,31 +176,42 @@ class ABFTProgressCallback(ProgressCallback):
 
 
 class ABFTTrainer(Trainer):
-    """Trainer whose loss is ABFT's (`forward.abft_forward`); trains only what trainable_qk left trainable.
+    """Trainer whose loss is ABFT's (`forward.abft_forward`), or with settings.objective "e2e" the end-to-end
+    baseline's cross-entropy on the read-out (`forward.e2e_forward`); trains only what trainable_qk left trainable.
 
     Args (besides Trainer's):
         num_classes: C, the number of label classes.
-        settings: `settings.ABFTSettings`; the trainer uses its A0, B, controller, kp, ki, kd and
+        settings: `settings.ABFTSettings`; the trainer uses its objective, A0, B, controller, kp, ki, kd and
             count_all_heads (default: the paper's). The optimiser comes from `args` (`abft_training_arguments`).
         run_info: written into every saved abft_config.json (base model, split settings, ...).
+        label_token_ids: the C read-out token ids (`PromptBuilder.label_token_ids`); needed by objective "e2e".
 
     The data collator must produce input_ids, attention_mask, key_class, query_rows and target_class
     (`abft_kernels.icl.ICLCollator`). Each optimiser step logs abft_loss, counted_heads, gold_mass, A (used in
-    the step) and next_A into `state.log_history` (paper, Fig. 5).
+    the step) and next_A into `state.log_history` (paper, Fig. 5); with objective "e2e", e2e_loss, counted_heads
+    and gold_mass (no A: the controller does not apply).
 
     Raises:
-        ValueError: the model has no trainable parameter; an unknown settings.controller.
+        ValueError: the model has no trainable parameter; an unknown settings.controller; objective "e2e" without
+            label_token_ids.
     """
 
     loss_is_scaled_for_ga = False  # abft_loss is a per-batch mean: the Trainer divides by the accumulation
 
     def __init__(self, *args, num_classes: int, settings: ABFTSettings = PAPER,
-                 run_info: Optional[Dict[str, Any]] = None, **kwargs):
+                 run_info: Optional[Dict[str, Any]] = None, label_token_ids: Optional[Sequence[int]] = None,
+                 **kwargs):
+        if settings.objective == "e2e" and label_token_ids is None:
+            raise ValueError("objective 'e2e' needs label_token_ids (the read-out tokens, builder.label_token_ids)")
         super().__init__(*args, **kwargs)
         self.num_classes = num_classes
         self.settings = settings
         self.run_info = dict(run_info or {})
-        self.controller = ABFTController(make_controller(settings))
+        self.label_token_ids = label_token_ids
+        if settings.objective == "e2e":
+            self.controller = ABFTController(None, loss_name="e2e_loss")
+        else:
+            self.controller = ABFTController(make_controller(settings))
         self.add_callback(self.controller)
         if any(type(cb) is ProgressCallback for cb in self.callback_handler.callbacks):  # a console bar
             self.remove_callback(ProgressCallback)
@@ -203,8 +221,11 @@ class ABFTTrainer(Trainer):
             raise ValueError("the model has no trainable parameters: call abft_kernels.hf.trainable_qk(model) first")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs, loss, info = abft_forward(model, inputs, self.num_classes, A=self.controller.A, B=self.settings.B,
-                                           count_all_heads=self.settings.count_all_heads)
+        if self.settings.objective == "e2e":
+            outputs, loss, info = e2e_forward(model, inputs, self.num_classes, self.label_token_ids)
+        else:
+            outputs, loss, info = abft_forward(model, inputs, self.num_classes, A=self.controller.A,
+                                               B=self.settings.B, count_all_heads=self.settings.count_all_heads)
         if model.training:
             self.controller.record(loss.detach(), info, inputs["input_ids"].shape[0])
         return (loss, outputs) if return_outputs else loss
@@ -221,14 +242,16 @@ class ABFTTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         state_dict = state_dict if state_dict is not None else model.state_dict()
         config = {**self.run_info, "trained": self.trained_names,
-                  "settings": asdict(self.settings), "controller": self.controller.pid.state_dict(),
+                  "settings": asdict(self.settings),
+                  "controller": self.controller.pid.state_dict() if self.controller.pid is not None else None,
                   "global_step": self.state.global_step}
         save_trained_weights(output_dir or self.args.output_dir,
                              {name: state_dict[name] for name in self.trained_names}, config)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         config = load_trained_weights(model if model is not None else self.model, resume_from_checkpoint)
-        self.controller.pid.load_state_dict(config["controller"])
+        if self.controller.pid is not None:
+            self.controller.pid.load_state_dict(config["controller"])
 
 
 def save_trained_weights(folder, tensors: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from .icl import (PAPER_TASKS, ICLCollator, PromptBuilder, StaICCTask, Template,
                   load_task, sample_prompts, staicc_prompts, training_prompts)
 from .models import DEFAULT_MODEL
 from .settings import (DEMO, PAPER, QUICK, SPLIT_SETTINGS, ABFTSettings, DataSettings, data_settings, given_settings,
-                       preset_epilog)
+                       preset_epilog, training_settings)
 
 # transformers' Trainer and the model code are imported inside the commands: `abft example` stays fast.
 
@@ -102,6 +102,7 @@ def held_out_settings(given: dict, saved: dict) -> DataSettings:
                          f"({saved['held_out']} examples)")
     from_run = {name: saved.get(name) for name in SPLIT_SETTINGS}
     from_run.update(eval_prompts=saved.get("held_out"), model=saved.get("base_model"), k=saved.get("k"),
+                    load_in_4bit=saved.get("load_in_4bit"),
                     prompt_style=saved.get("prompt_style"), staicc_root=saved.get("staicc_root"))
     return replace(data_settings(PAPER), **{**{name: v for name, v in from_run.items() if v is not None}, **given})
 
@@ -129,15 +130,18 @@ def held_out_evaluation(tokenizer, task, settings: DataSettings):
 
 def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: str, save_steps: int = 0,
                   resume: bool = False):
-    """ABFT on `model` (in place) with the prompts of `task.train`; the output folder gets the trained weights.
-    Returns (trainer, seconds, peak memory MiB)."""
+    """ABFT (or, with settings.objective "e2e", the end-to-end baseline) on `model` (in place) with the prompts of
+    `task.train`; the output folder gets the trained weights. Returns (trainer, seconds, peak memory MiB)."""
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from .evaluation import peak_memory_mb, reset_peak_memory
     from .hf import trainable_qk
     from .training import ABFTTrainer, abft_training_arguments
 
+    settings = training_settings(settings)
     device = next(model.parameters()).device
+    set_seed(settings.seed)  # LoRA adapters start the same in every run and process
     trainable_qk(model, lora=settings.lora)
     builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style)
     prompts = training_prompts(builder, task.train, settings.k, settings.train_prompts,
@@ -146,7 +150,8 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
         output_dir, learning_rate=settings.lr, steps=settings.steps, prompts_per_step=settings.prompts_per_step,
         micro_batch=settings.micro_batch, seed=settings.seed, save_steps=save_steps, bf16=settings.bf16,
         report_to=settings.report_to, use_cpu=device.type == "cpu")
-    run_info = {"base_model": settings.model or DEFAULT_MODEL, "lora": settings.lora, "dataset": settings.dataset,
+    run_info = {"base_model": settings.model or DEFAULT_MODEL, "lora": settings.lora,
+                "load_in_4bit": settings.load_in_4bit, "objective": settings.objective, "dataset": settings.dataset,
                 "text_column": settings.text_column, "label_column": settings.label_column,
                 "max_chars": settings.max_chars, "seed": settings.seed, "held_out": settings.eval_prompts,
                 "template": asdict(task.template), "k": settings.k, "prompt_style": settings.prompt_style,
@@ -154,7 +159,7 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
                 "steps": settings.steps, "prompts_per_step": settings.prompts_per_step}
     trainer = ABFTTrainer(model=model, args=training_args, train_dataset=prompts,
                           data_collator=ICLCollator(tokenizer.pad_token_id), num_classes=task.template.num_classes,
-                          settings=settings, run_info=run_info)
+                          settings=settings, run_info=run_info, label_token_ids=builder.label_token_ids)
     checkpoint = None
     if resume and Path(output_dir).is_dir():
         checkpoint = get_last_checkpoint(output_dir)
@@ -222,12 +227,14 @@ def run_train(args: argparse.Namespace) -> None:
     """`abft train`: the paper's settings unless given; trains, saves the weights, report.json and dynamics.png."""
     from .models import load_model
 
-    settings = replace(PAPER, **given_settings(args, ABFTSettings))
+    settings = training_settings(replace(PAPER, **given_settings(args, ABFTSettings)))
     device = _setup(args.device, args.threads)
-    model, tokenizer = load_model(settings.model, device=device)
+    model, tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
     task = _load_task(settings, _template(settings))
     trainer, seconds, peak = train_on_task(model, tokenizer, task, settings, args.output_dir,
                                            save_steps=args.save_steps, resume=not args.no_resume)
+    if not trainer.is_world_process_zero():  # under torchrun the first process writes the report
+        return
     out = Path(args.output_dir)
     sections = _dynamics(trainer, out, f"ABFT training: {settings.model or DEFAULT_MODEL} on {settings.dataset}")
     _save(settings, {"output_dir": args.output_dir}, out, train_seconds=seconds, train_peak_memory_mb=peak,
@@ -245,7 +252,7 @@ def run_eval(args: argparse.Namespace) -> None:
     saved = json.loads((Path(args.weights) / CONFIG_FILE).read_text()) if args.weights else {}
     settings = held_out_settings(given, saved) if saved else replace(data_settings(PAPER), **given)
     device = _setup(args.device, args.threads)
-    model, tokenizer = load_model(settings.model, device=device)
+    model, tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
     task = _load_task(settings, _template(settings, saved.get("template")))
     evaluate_held_out = held_out_evaluation(tokenizer, task, settings)
     before = evaluate_held_out(model, desc="eval before")
@@ -268,7 +275,7 @@ def run_demo(args: argparse.Namespace) -> None:
     """`abft demo`: eval before, train, eval after on the built-in model and data with the DEMO (or QUICK) preset."""
     from .models import cache_dir, convert_default_model, load_model
 
-    settings = replace(QUICK if args.quick else DEMO, **given_settings(args, ABFTSettings))
+    settings = training_settings(replace(QUICK if args.quick else DEMO, **given_settings(args, ABFTSettings)))
     device = _setup(args.device, args.threads)
     start = time.perf_counter()
     converted = settings.model in (None, DEFAULT_MODEL) and not (cache_dir() / DEFAULT_MODEL / "config.json").is_file()
@@ -276,7 +283,7 @@ def run_demo(args: argparse.Namespace) -> None:
         print(f"converting the built-in GGUF once into {cache_dir() / DEFAULT_MODEL} ...")
         convert_default_model()
     conversion_seconds = time.perf_counter() - start if converted else 0.0
-    model, tokenizer = load_model(settings.model, device=device)
+    model, tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
     task = _load_task(settings, _template(settings))
     print(f"seed {settings.seed} (split, demonstrations and training order; --seed to change)")
     evaluate_held_out = held_out_evaluation(tokenizer, task, settings)

@@ -259,7 +259,11 @@ def _train_lora(model, projections: List[_Projection], lora) -> List[torch.nn.Pa
         config = dataclasses.replace(lora, target_modules=names)
     else:
         raise ValueError(f"lora must be None, a positive int rank or a peft.LoraConfig, got {lora!r}")
-    inject_adapter_in_model(config, model)
+    if getattr(model, "is_quantized", False):
+        model.add_adapter(config)  # the same injection, registered with transformers: its Trainer trains a
+        # quantized model (--load-in-4bit) only through adapters it knows of
+    else:
+        inject_adapter_in_model(config, model)
     for param in model.parameters():
         param.requires_grad_(False)
     modules = dict(model.named_modules())
