@@ -98,9 +98,14 @@ def load_model(name_or_path: Optional[str] = None, dtype: torch.dtype = torch.fl
             transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.bfloat16); only LoRA adapters can then be trained.
 
+    Returns:
+        (model, tokenizer): an AutoModelForCausalLM in eval mode as transformers loads it (call .train() to train),
+        whose calls accept abft=LabelSpec(...) with output_attentions=True; its fast tokenizer.
+
     Raises:
         ValueError: load_in_4bit where bitsandbytes or a CUDA device is missing (`check_4bit_support`, checked
-            before loading anything).
+            before loading anything); a model whose attention cannot run exactly through "abft" (naming the model
+            type and why; see hf.apply_abft).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
