@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -53,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run every model-level point (model, N, method) in a fresh Python process, so that its "
                              "peak resident memory (peak_rss_gib) is its own; each finished point is appended to "
                              "<out>/<name>.points.jsonl and not measured again by a later run with the same --name")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="with --isolate: glibc's MALLOC_MMAP_THRESHOLD_ for the points' processes (e.g. 131072: "
+                             "every larger block is mapped and unmapped, so resident memory follows the live tensors "
+                             "instead of the allocator's history; default: glibc's dynamic threshold)")
     parser.add_argument("--model-reps", type=int, default=None,
                         help="timed model steps per point after the warm-up step (default: 3; quick: 1)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
@@ -126,10 +131,13 @@ def _run_isolated(args, name: str, seq_len: int, method: str, reps: int) -> dict
         command += ["--threads", str(args.threads)]
     if args.memory_limit_gib is not None:
         command += ["--memory-limit-gib", str(args.memory_limit_gib)]
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rows.json"
         done = subprocess.run(command + ["--child-json", str(path)], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if done.returncode == 0:
             return json.loads(path.read_text())[0]
     status = "OOM" if done.returncode == -9 else "error"
