@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run every model-level point (model, N, method) in a fresh Python process, so that its "
                              "peak resident memory (peak_rss_gib) is its own; each finished point is also appended "
                              "to <out>/<name>.points.jsonl and not measured again by a later run with the same name")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="with --isolate: glibc's MALLOC_MMAP_THRESHOLD_ for the points' processes (e.g. 131072: "
+                             "every larger block is mapped and unmapped, so resident memory follows the live tensors "
+                             "instead of the allocator's history; default: glibc's dynamic threshold)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no measurement after this many seconds; the rest is recorded as skipped")
     parser.add_argument("--resume", action="store_true",
@@ -259,10 +264,13 @@ def isolated_run(args, row: dict) -> dict:
                           ("--model-layers", args.model_layers)):
         if value is not None:
             command += [option, str(value)]
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rows.json"
         done = subprocess.run(command + ["--child-json", str(path)], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if done.returncode == 0:
             return json.loads(path.read_text())[0]
     status = "OOM" if done.returncode == -9 else "error"
