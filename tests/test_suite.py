@@ -101,6 +101,23 @@ def test_suite_end_to_end(tmp_path, capsys):
     assert [p.gold for p in run.prompts] and len(run.prompts) == 8
 
 
+def test_parts_run_alone_and_train_only_what_they_need(tmp_path):
+    """--parts ood,unseen-label on a dataset without a default second task: ood is skipped (said in the report),
+    and unseen-label trains ABFT only (E2E is compared only when an earlier part trained it)."""
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
+    main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE, "--parts", "unseen-label,ood",
+          "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["parts"] == ["ood", "unseen-label"] and "table" not in report
+    assert report["ood"] == {"skipped": f"no --ood-dataset for {str(task)!r}"}
+    assert set(report["training"]) == {"abft"} and set(report["unseen-label"]["accuracy"]) == {"vanilla", "abft"}
+    assert all(gold not in demos for gold, demos in zip(report["unseen-label"]["golds"],
+                                                        report["unseen-label"]["demonstration_labels"]["unseen_label"]))
+
+
 def test_unseen_label_prompts_never_show_the_gold_label():
     tokenizer = tiny_tokenizer()
     builder = PromptBuilder(tokenizer, Template("review: ", "sentiment:", ("negative", "neutral", "positive")))
