@@ -65,7 +65,7 @@ class SuiteSettings(ABFTSettings):
 SUITE = SuiteSettings()
 # `abft suite --quick`: a smoke run (minutes on 2 CPU cores with the built-in model); lr 5e-4 as `abft demo`.
 SUITE_QUICK = replace(SUITE, lr=5e-4, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=8,
-                      max_chars=100, calibration_sets=4, consistency_queries=4, consistency_sets=3, unseen_queries=8)
+                      max_chars=100, calibration_sets=4, consistency_queries=4, consistency_sets=3, unseen_queries=4)
 
 
 def parse_parts(parts: str) -> List[str]:
@@ -153,6 +153,7 @@ class SuiteRun:
         model, self.tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
         self.models = {"vanilla": model}
         self.training: Dict[str, dict] = {}
+        self.held_out_predictions: Dict[str, List[int]] = {}  # per model, on self.prompts (filled by part_table)
         self.task = _load_task(settings, _template(settings))
         evaluation = held_out_evaluation(self.tokenizer, self.task, settings)
         self.prompts: List[ICLPrompt] = evaluation.keywords["prompts"]
@@ -177,6 +178,12 @@ class SuiteRun:
     def read_out(self, name: str, prompts: Sequence[ICLPrompt], label_token_ids=None) -> List[int]:
         return read_out(self.model(name), prompts, label_token_ids or self.builder.label_token_ids,
                         self.tokenizer.pad_token_id, self.settings.batch_size)
+
+    def predictions(self, name: str) -> List[int]:
+        """Model `name`'s predictions on the held-out prompts (part_table's when it ran: one forward each)."""
+        if name not in self.held_out_predictions:
+            self.held_out_predictions[name] = self.read_out(name, self.prompts)
+        return self.held_out_predictions[name]
 
     def queries(self, count: int) -> List[Example]:
         return list(self.task.test[:count])
@@ -208,6 +215,8 @@ def part_table(run: SuiteRun) -> dict:
     for name in ("abft", "e2e"):
         result[name] = asdict(evaluate(run.model(name), run.prompts, run.builder.label_token_ids, pad,
                                        run.settings.batch_size, desc=name))
+    for name in ("vanilla", "abft", "e2e"):
+        run.held_out_predictions[name] = result[name]["predictions"]
     return result
 
 
@@ -225,7 +234,7 @@ def part_ood(run: SuiteRun) -> dict:
     result = {"dataset": settings.dataset, "ood_dataset": ood, "num_prompts": len(run.prompts),
               "num_ood_prompts": len(ood_prompts), "in_domain": {}, "out_of_domain": {}}
     for name in ("vanilla", "abft", "e2e"):
-        result["in_domain"][name] = accuracy(run.read_out(name, run.prompts), run.prompts)
+        result["in_domain"][name] = accuracy(run.predictions(name), run.prompts)
         result["out_of_domain"][name] = accuracy(run.read_out(name, ood_prompts, ood_labels), ood_prompts)
     return result
 
