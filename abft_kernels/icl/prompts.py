@@ -208,7 +208,7 @@ class ICLCollator:
         for b, p in enumerate(prompts):
             input_ids[b, :len(p.input_ids)] = torch.tensor(p.input_ids)
             attention_mask[b, :len(p.input_ids)] = 1
-            key_class[b, p.label_positions] = torch.tensor(p.label_classes)
+            key_class[b, p.label_positions] = torch.tensor(p.label_classes, dtype=torch.long)  # [] for 0-shot
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -1,0 +1,141 @@
+"""`abft suite` end to end on the offline tiny tokenizer and a tiny Llama, with generated CSV tasks: the report's
+structure and invariants (accuracies in [0, 1], consistency in [1/C, 1], unseen-label prompts without the gold label,
+calibration equal to the calibration module's on the same prompts)."""
+import csv
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from abft_kernels.calibration import contextual_calibration
+from abft_kernels.cli import main
+from abft_kernels.icl import Example, PromptBuilder, Template
+from abft_kernels.models import load_model
+from abft_kernels.suite import (SUITE, SuiteRun, calibration_prompts, consistency, parse_parts,
+                                unseen_label_prompts)
+from tiny_icl import tiny_tokenizer
+
+FILLERS = ["movie", "film", "plot", "the", "a", "is", "was", "very", "not"]
+
+
+def counting_llama(vocab_size: int):
+    """A tiny random Llama (2 layers, 4 query / 2 key-value heads) with peaked attention (weights of std 0.5, as in
+    test_train_options.py), so that some heads pass the induction filter and ABFT's loss moves W_Q/W_K."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.5)
+    return LlamaForCausalLM(config).eval()
+
+
+def write_task(path, words, rows=48):
+    """A CSV task whose string labels are `words` (the label is the class's word among the text's words)."""
+    rng = random.Random(len(words))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(rows):
+            word = words[i % len(words)]
+            writer.writerow([" ".join(rng.sample(FILLERS, rng.randint(1, 4)) + [word]), word])
+    return path
+
+
+SIZE = ["--k", "2", "--eval-prompts", "8", "--steps", "2", "--prompts-per-step", "4", "--micro-batch", "4",
+        "--train-prompts", "8", "--lr", "1e-2", "--calibration-sets", "3", "--consistency-queries", "4",
+        "--consistency-sets", "3", "--unseen-queries", "6", "--threads", "1", "--batch-size", "8"]
+
+
+def test_suite_end_to_end(tmp_path, capsys):
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task = write_task(tmp_path / "sentiment.csv", ["negative", "neutral", "positive"])
+    ood = write_task(tmp_path / "quality.csv", ["bad", "good"])
+    options = ["--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE]
+    main(["suite", *options, "--ood-dataset", str(ood), "--output-dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    for row in ("accuracy", "calibration", "out-of-domain", "demo consistency (3 sets)", "acc. unseen-label demos"):
+        assert row in printed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (tmp_path / "out" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["parts"] == ["table", "ood", "demo-consistency", "unseen-label"]
+    assert set(report["training"]) == {"abft", "e2e"}
+    assert report["training"]["e2e"]["objective"] == "e2e"
+
+    table = report["table"]
+    accuracies = [table[m]["accuracy"] for m in ("vanilla", "calibration", "abft", "e2e")]
+    accuracies += [*report["ood"]["in_domain"].values(), *report["ood"]["out_of_domain"].values()]
+    accuracies += [a for kinds in report["unseen-label"]["accuracy"].values() for a in kinds.values()]
+    assert all(0 <= a <= 1 for a in accuracies) and len(accuracies) == 4 + 6 + 9
+    assert table["vanilla"]["num_prompts"] == table["abft"]["num_prompts"] == table["calibration"]["num_prompts"] == 8
+    assert table["abft"]["gold_mass"] != table["vanilla"]["gold_mass"]  # training moved the attention
+    assert report["ood"]["num_ood_prompts"] == 8
+    assert report["ood"]["in_domain"]["abft"] == table["abft"]["accuracy"]  # same prompts, same read-out
+
+    demo = report["demo-consistency"]
+    assert set(demo["models"]) == {"vanilla", "abft", "e2e"} and demo["num_classes"] == 3
+    for values in demo["models"].values():
+        assert len(values["predictions"]) == 4 and all(len(row) == 3 for row in values["predictions"])
+        assert 1 / 3 <= values["consistency"] <= 1 and values["consistency"] == consistency(values["predictions"])
+
+    unseen = report["unseen-label"]
+    labels = unseen["demonstration_labels"]
+    assert all(labels["zero_shot"][i] == [] for i in range(6))
+    assert all(len(labels[kind][i]) == 2 for kind in ("random", "unseen_label") for i in range(6))
+    assert all(gold not in demos for gold, demos in zip(unseen["golds"], labels["unseen_label"]))
+
+    # Calibration: the calibration module on the same held-out and content-free prompts gives the same numbers.
+    settings = replace(SUITE, model=str(tmp_path / "model"), dataset=str(task), k=2, eval_prompts=8,
+                       calibration_sets=3)
+    run = SuiteRun(settings, tmp_path / "unused", torch.device("cpu"))
+    expected = contextual_calibration(run.model("vanilla"), run.prompts,
+                                      calibration_prompts(run.builder, run.task, settings),
+                                      run.builder.label_token_ids, tokenizer.pad_token_id)
+    assert table["calibration"]["accuracy"] == expected.accuracy
+    assert table["calibration"]["predictions"] == expected.predictions
+    assert table["calibration"]["num_content_free_prompts"] == 3 * 3
+    assert [p.gold for p in run.prompts] and len(run.prompts) == 8
+
+
+def test_parts_run_alone_and_train_only_what_they_need(tmp_path):
+    """--parts ood,unseen-label on a dataset without a default second task: ood is skipped (said in the report),
+    and unseen-label trains ABFT only (E2E is compared only when an earlier part trained it)."""
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
+    main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE, "--parts", "unseen-label,ood",
+          "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["parts"] == ["ood", "unseen-label"] and "table" not in report
+    assert report["ood"] == {"skipped": f"no --ood-dataset for {str(task)!r}"}
+    assert set(report["training"]) == {"abft"} and set(report["unseen-label"]["accuracy"]) == {"vanilla", "abft"}
+    assert all(gold not in demos for gold, demos in zip(report["unseen-label"]["golds"],
+                                                        report["unseen-label"]["demonstration_labels"]["unseen_label"]))
+
+
+def test_unseen_label_prompts_never_show_the_gold_label():
+    tokenizer = tiny_tokenizer()
+    builder = PromptBuilder(tokenizer, Template("review: ", "sentiment:", ("negative", "neutral", "positive")))
+    pool = [Example(w, i % 3) for i, w in enumerate(FILLERS * 2)]
+    queries = [Example("a good film", i % 3) for i in range(9)]
+    kinds = unseen_label_prompts(builder, pool, queries, k=4, seed=0)
+    assert [len(prompts) for prompts in kinds.values()] == [9, 9, 9]
+    for zero, rand, unseen in zip(*kinds.values()):
+        assert zero.label_classes == [] and len(rand.label_classes) == len(unseen.label_classes) == 4
+        assert unseen.gold not in unseen.label_classes
+    assert any(p.gold in p.label_classes for p in kinds["random"])  # random demonstrations can show it
+    with pytest.raises(ValueError, match="without the label"):
+        unseen_label_prompts(builder, pool[:4], queries, k=4, seed=0)
+
+
+def test_parts_and_objective_are_checked():
+    assert parse_parts("unseen-label, table") == ["table", "unseen-label"]
+    with pytest.raises(ValueError, match="--parts must name"):
+        parse_parts("table,mode-connectivity")
+    with pytest.raises(ValueError, match="not an option of the suite"):
+        main(["suite", "--objective", "e2e", "--parts", "table"])
