@@ -1,6 +1,6 @@
 """`abft suite`: the paper's evaluation instruments on any model and dataset `abft train` takes (issue 14).
 
-On the same held-out prompts as `abft train/eval` (workflow.held_out_evaluation), each part a function of a
+On the same held-out prompts as `abft train/eval` (workflow.held_out_prompts), each part a function of a
 `SuiteRun` that returns a dict for report.json, in this order (`--parts` picks a subset):
 
 1. "table" (paper Table 1): vanilla ICL, contextual calibration (calibration.py), ABFT (train, then evaluate) and
@@ -30,7 +30,7 @@ import torch
 from .icl import Example, ICLPrompt, PromptBuilder, StaICCTask
 from .models import DEFAULT_MODEL
 from .settings import PAPER, ABFTSettings, given_settings, preset_epilog
-from .workflow import _load_task, _setup, _template, held_out_evaluation, train_on_task
+from .workflow import held_out_prompts, load_workflow_task, setup_device, task_template, train_on_task
 
 PART_NAMES = ("table", "ood", "demo-consistency", "unseen-label")
 # Second task of the "ood" part when --ood-dataset is not given (the paper's Table 2 pairs sentiment and SUBJ).
@@ -154,9 +154,8 @@ class SuiteRun:
         self.models = {"vanilla": model}
         self.training: Dict[str, dict] = {}
         self.held_out_predictions: Dict[str, List[int]] = {}  # per model, on self.prompts (filled by part_table)
-        self.task = _load_task(settings, _template(settings))
-        evaluation = held_out_evaluation(self.tokenizer, self.task, settings)
-        self.prompts: List[ICLPrompt] = evaluation.keywords["prompts"]
+        self.task = load_workflow_task(settings, task_template(settings))
+        self.prompts: List[ICLPrompt] = held_out_prompts(self.tokenizer, self.task, settings)[1]
         self.builder = PromptBuilder(self.tokenizer, self.task.template, style=settings.prompt_style)
 
     def model(self, name: str):
@@ -228,8 +227,8 @@ def part_ood(run: SuiteRun) -> dict:
     if ood is None:
         return {"skipped": f"no --ood-dataset for {settings.dataset!r}"}
     ood_settings = replace(settings, dataset=ood)
-    ood_task = _load_task(ood_settings, None)
-    ood_prompts = held_out_evaluation(run.tokenizer, ood_task, ood_settings).keywords["prompts"]
+    ood_task = load_workflow_task(ood_settings, None)
+    ood_prompts = held_out_prompts(run.tokenizer, ood_task, ood_settings)[1]
     ood_labels = PromptBuilder(run.tokenizer, ood_task.template, style=settings.prompt_style).label_token_ids
     result = {"dataset": settings.dataset, "ood_dataset": ood, "num_prompts": len(run.prompts),
               "num_ood_prompts": len(ood_prompts), "in_domain": {}, "out_of_domain": {}}
@@ -388,7 +387,7 @@ def run_suite(args: argparse.Namespace) -> dict:
 
     settings = replace(SUITE_QUICK if args.quick else SUITE, **given_settings(args, SuiteSettings))
     parse_parts(settings.parts)  # before loading anything
-    device = _setup(args.device, args.threads)
+    device = setup_device(args.device, args.threads)
     out = Path(args.output_dir)
     report = run_parts(settings, out, device)
     save_report(out / "report.json", **report)

@@ -59,7 +59,7 @@ def configure_parser(parser: argparse.ArgumentParser, command: str) -> None:
         run.add_argument("--quick", action="store_true", help="smoke-size run (seconds, for CI)")
 
 
-def _setup(device: Optional[str], threads: Optional[int]) -> torch.device:
+def setup_device(device: Optional[str], threads: Optional[int]) -> torch.device:
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -68,7 +68,7 @@ def _setup(device: Optional[str], threads: Optional[int]) -> torch.device:
     return device
 
 
-def _template(settings: DataSettings, saved: Optional[dict] = None) -> Optional[Template]:
+def task_template(settings: DataSettings, saved: Optional[dict] = None) -> Optional[Template]:
     if settings.label_words:
         return Template(settings.input_prefix, settings.label_prefix,
                         tuple(w.strip() for w in settings.label_words.split(",")))
@@ -107,7 +107,7 @@ def held_out_settings(given: dict, saved: dict) -> DataSettings:
     return replace(data_settings(PAPER), **{**{name: v for name, v in from_run.items() if v is not None}, **given})
 
 
-def _load_task(settings: DataSettings, template: Optional[Template]):
+def load_workflow_task(settings: DataSettings, template: Optional[Template]):
     if is_staicc_source(settings.dataset):  # StaICC's fixed splits: eval_prompts, max_chars and seed do not apply
         return load_staicc(settings.dataset, settings.staicc_root)
     return load_task(settings.dataset, template=template, text_column=settings.text_column,
@@ -115,15 +115,21 @@ def _load_task(settings: DataSettings, template: Optional[Template]):
                      max_chars=settings.max_chars, seed=settings.seed)
 
 
+def held_out_prompts(tokenizer, task, settings: DataSettings):
+    """(builder, prompts): the PromptBuilder of the settings' prompt style and the task's held-out prompts, the same
+    for every command and every model (StaICC's prompts in its order for a StaICC task, else demonstrations drawn
+    from the training pool with seed + EVAL_SEED_OFFSET)."""
+    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style)
+    if isinstance(task, StaICCTask):  # StaICC's 1024 prompts (512 test items x 2 demonstration sets), in order
+        return builder, staicc_prompts(builder, task, settings.eval_prompts)
+    return builder, sample_prompts(builder, task.train, task.test, settings.k, seed=settings.seed + EVAL_SEED_OFFSET)
+
+
 def held_out_evaluation(tokenizer, task, settings: DataSettings):
     """`evaluate(model, desc=...)` on the task's held-out prompts, built once: the same prompts before and after."""
     from .evaluation import evaluate
 
-    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style)
-    if isinstance(task, StaICCTask):  # StaICC's 1024 prompts (512 test items x 2 demonstration sets), in order
-        prompts = staicc_prompts(builder, task, settings.eval_prompts)
-    else:
-        prompts = sample_prompts(builder, task.train, task.test, settings.k, seed=settings.seed + EVAL_SEED_OFFSET)
+    builder, prompts = held_out_prompts(tokenizer, task, settings)
     return partial(evaluate, prompts=prompts, label_token_ids=builder.label_token_ids,
                    pad_token_id=tokenizer.pad_token_id, batch_size=settings.batch_size)
 
@@ -228,9 +234,9 @@ def run_train(args: argparse.Namespace) -> None:
     from .models import load_model
 
     settings = training_settings(replace(PAPER, **given_settings(args, ABFTSettings)))
-    device = _setup(args.device, args.threads)
+    device = setup_device(args.device, args.threads)
     model, tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
-    task = _load_task(settings, _template(settings))
+    task = load_workflow_task(settings, task_template(settings))
     trainer, seconds, peak = train_on_task(model, tokenizer, task, settings, args.output_dir,
                                            save_steps=args.save_steps, resume=not args.no_resume)
     if not trainer.is_world_process_zero():  # under torchrun the first process writes the report
@@ -251,9 +257,9 @@ def run_eval(args: argparse.Namespace) -> None:
     given = given_settings(args, DataSettings)
     saved = json.loads((Path(args.weights) / CONFIG_FILE).read_text()) if args.weights else {}
     settings = held_out_settings(given, saved) if saved else replace(data_settings(PAPER), **given)
-    device = _setup(args.device, args.threads)
+    device = setup_device(args.device, args.threads)
     model, tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
-    task = _load_task(settings, _template(settings, saved.get("template")))
+    task = load_workflow_task(settings, task_template(settings, saved.get("template")))
     evaluate_held_out = held_out_evaluation(tokenizer, task, settings)
     before = evaluate_held_out(model, desc="eval before")
     after = None
@@ -276,7 +282,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from .models import cache_dir, convert_default_model, load_model
 
     settings = training_settings(replace(QUICK if args.quick else DEMO, **given_settings(args, ABFTSettings)))
-    device = _setup(args.device, args.threads)
+    device = setup_device(args.device, args.threads)
     start = time.perf_counter()
     converted = settings.model in (None, DEFAULT_MODEL) and not (cache_dir() / DEFAULT_MODEL / "config.json").is_file()
     if converted:
@@ -284,7 +290,7 @@ def run_demo(args: argparse.Namespace) -> None:
         convert_default_model()
     conversion_seconds = time.perf_counter() - start if converted else 0.0
     model, tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
-    task = _load_task(settings, _template(settings))
+    task = load_workflow_task(settings, task_template(settings))
     print(f"seed {settings.seed} (split, demonstrations and training order; --seed to change)")
     evaluate_held_out = held_out_evaluation(tokenizer, task, settings)
     before = evaluate_held_out(model, desc="eval before")
