@@ -66,7 +66,8 @@ class CUDARowMassFunction(torch.autograd.Function):
         mass, lse = extension.row_mass_forward(q, k, args.query_rows, args.key_class, args.key_padding_mask,
                                                args.num_classes, args.causal, args.scale)
         ctx.save_for_backward(q, k, mass, lse)
-        ctx.args = args
+        # q, k, v as ctx attributes would outlive backward while anything references the graph.
+        ctx.args = dataclasses.replace(args, q=None, k=None, v=None)
         return mass
 
     @staticmethod
