@@ -9,6 +9,9 @@ Backends: torch; triton (under TRITON_INTERPRET=1); cuda's autograd glue around 
 test_cuda_extension (its output path is torch's padded SDPA). The reference backend is left out: it
 materialises P in float64 by design (O(N²), tests only).
 """
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -64,3 +67,22 @@ def test_padded_sdpa_in_several_chunks_matches_reference(monkeypatch, padding, r
                            seed=11)
     monkeypatch.setattr(sdpa, "_CHUNK_ELEMENTS", 2 * 4 * 45 * 7)
     assert_matches_reference(problem, "torch")
+
+
+@pytest.mark.parametrize("backend_on_cpu", BACKENDS, indirect=True)
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_backward_frees_q_k_v_while_the_graph_lives(backend_on_cpu, padding, rows):
+    """After backward nothing keeps q, k, v alive, even while the loss (and so the graph) is still referenced, as a
+    logged loss is: an autograd Function that kept them as ctx attributes held every layer's q, k, v."""
+    problem = make_problem(batch=2, heads=2, kv_heads=1, seq_len=33, head_dim=8, num_classes=3, padding=padding,
+                           rows=rows, seed=3)
+    inputs = {name: problem[name].requires_grad_(True) * 1.0 for name in ("q", "k", "v")}  # a model's activations
+    alive = [weakref.ref(t) for t in inputs.values()]
+    out, mass = ak.label_attention(**{**problem, **inputs}, backend=backend_on_cpu)
+    loss = out.sum() + mass.sum()
+    loss.backward()
+    del out, mass, inputs
+    gc.collect()
+    assert loss.grad_fn is not None
+    assert [ref() is None for ref in alive] == [True, True, True], "q, k, v outlive backward"

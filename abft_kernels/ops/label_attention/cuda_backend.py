@@ -84,7 +84,8 @@ class CUDARowMassFunction(torch.autograd.Function):
             lse = torch.logaddexp(lse, sink)
             ctx.sinks_dtype = sinks.dtype
         ctx.save_for_backward(q, k, mass, lse, sink)
-        ctx.args = args
+        # q, k, v as ctx attributes would outlive backward while anything references the graph.
+        ctx.args = dataclasses.replace(args, q=None, k=None, v=None)
         return mass
 
     @staticmethod

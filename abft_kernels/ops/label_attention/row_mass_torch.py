@@ -6,6 +6,8 @@ chunks so transient memory is O(B·H·chunk·N) and saved memory O(B·H·R).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .validation import LabelAttentionArgs
@@ -47,13 +49,15 @@ class TorchRowMassFunction(torch.autograd.Function):
             masses.append((probs @ one_hot).reshape(batch, num_heads, -1, args.num_classes))
         mass = torch.cat(masses, dim=2)
         ctx.save_for_backward(q, k, mass)
-        ctx.args = args
+        # Not q, k, v themselves: a ctx attribute outlives backward for as long as anything references the graph
+        # (e.g. a loss kept for logging), and would keep every layer's q, k, v alive.
+        ctx.args = dataclasses.replace(args, q=None, k=None, v=None)
         return mass.float()
 
     @staticmethod
     def backward(ctx, grad_mass):
         q, k, mass = ctx.saved_tensors
-        args = ctx.args
+        args = dataclasses.replace(ctx.args, q=q, k=k)
         compute_dtype = mass.dtype
         qc, kc = q.to(compute_dtype), k.to(compute_dtype)
         grad_mass = grad_mass.to(compute_dtype)

@@ -9,6 +9,8 @@ causal mask) give zeros, not NaN.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -67,7 +69,7 @@ class PaddedSDPAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, args: LabelAttentionArgs):
         ctx.save_for_backward(q, k, v)
-        ctx.args = args
+        ctx.args = dataclasses.replace(args, q=None, k=None, v=None)  # see TorchRowMassFunction: no tensors on ctx
         return torch.cat([_padded_chunk(q[:, :, part], k, v, args, part) for part in _row_chunks(q)], dim=2)
 
     @staticmethod
@@ -82,7 +84,7 @@ class PaddedSDPAFunction(torch.autograd.Function):
         for part in _row_chunks(q):
             q_leaf = q[:, :, part].detach().requires_grad_(wanted[0])
             with torch.enable_grad():
-                out = _padded_chunk(q_leaf, k_leaf, v_leaf, ctx.args, part)
+                out = _padded_chunk(q_leaf, k_leaf, v_leaf, dataclasses.replace(ctx.args, q=q), part)
             inputs = [t for t, need in zip((q_leaf, k_leaf, v_leaf), wanted) if need]
             grads = iter(torch.autograd.grad(out, inputs, grad_out[:, :, part]))
             if wanted[0]:
