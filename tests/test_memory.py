@@ -86,3 +86,35 @@ def test_backward_frees_q_k_v_while_the_graph_lives(backend_on_cpu, padding, row
     gc.collect()
     assert loss.grad_fn is not None
     assert [ref() is None for ref in alive] == [True, True, True], "q, k, v outlive backward"
+
+
+def hf_step_saved_bytes(seq_len: int, with_labels: bool) -> int:
+    """Bytes autograd keeps from one forward of a tiny Llama with attn_implementation="abft" on a left- and a
+    right-padded prompt, with abft= (masses) or without (plain attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from abft_kernels.hf import LabelSpec, trainable_qk
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2 * seq_len,
+                         attn_implementation="abft")
+    model = LlamaForCausalLM(config)
+    trainable_qk(model)
+    input_ids = torch.randint(0, 64, (2, seq_len))
+    mask = torch.ones(2, seq_len, dtype=torch.long)
+    mask[0, :5], mask[1, -5:] = 0, 0
+    kwargs = {}
+    if with_labels:
+        key_class = torch.full((2, seq_len), -1)
+        key_class[:, 10::16] = 1
+        kwargs = dict(abft=LabelSpec(key_class, torch.tensor([[seq_len - 1], [seq_len - 6]]), 2),
+                      output_attentions=True)
+    return saved_bytes(lambda: model(input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1, **kwargs))[0]
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_hf_padded_batch_saves_linear_bytes(with_labels):
+    """A padded batch through the HF integration, with or without masses: no [B, 1, N, N] mask is kept."""
+    small, large = hf_step_saved_bytes(SEQ_LEN, with_labels), hf_step_saved_bytes(2 * SEQ_LEN, with_labels)
+    assert large <= MAX_GROWTH * small, f"with_labels={with_labels}: {small} -> {large} bytes ({large / small:.2f}x)"

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 
 from ..ops.label_attention import label_attention
+from ..ops.label_attention.sdpa import masked_sdpa
+from ..ops.label_attention.validation import LabelAttentionArgs
 from .label_spec import LabelSpec
 from .model_call import MaskKinds, current_call
 
@@ -213,6 +215,13 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
                                       is_causal=False)
     if window is not None and not causal:
         raise ValueError("attn_implementation='abft' supports sliding windows on causal attention only")
+    if attention_mask is not None and window is None and q_len == kv_len and dropout == 0:
+        # A padded batch: label_attention's output path, which builds no [B, 1, N, N] mask and keeps none for
+        # backward (O(B·H·N) memory, like the masses' path).
+        args = LabelAttentionArgs(q=query, k=key, v=value, key_class=None, num_classes=1, query_rows=None,
+                                  causal=causal, scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
+                                  key_padding_mask=attention_mask)
+        return masked_sdpa(query, key, value, args).transpose(1, 2).contiguous(), None
     if attention_mask is None and window is None and (not causal or q_len in (1, kv_len)):
         mask = None  # SDPA's own causal flag (or no mask at all) is exact here
     else:
