@@ -185,6 +185,7 @@ def save_dynamics(path: Path, log_history: List[dict], check=None, title: str = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [entry for entry in log_history if "counted_heads" in entry]
     x = [entry["step"] for entry in steps]
@@ -199,6 +200,7 @@ def save_dynamics(path: Path, log_history: List[dict], check=None, title: str = 
             ax.axhline(check.start, color="tab:green", linewidth=0.8)
         ax.set_title(name)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save_figure(figure, path, title or "ABFT training dynamics")
 
 
