@@ -63,7 +63,7 @@ class SuiteSettings(ABFTSettings):
 
 
 SUITE = SuiteSettings()
-# `abft suite --quick`: a smoke run (minutes on 2 CPU cores with the built-in model); lr 5e-4 as `abft demo`.
+# `abft suite --quick`: a smoke run (minutes on 2 CPU cores with the built-in model); lr 5e-4 (2 steps move little).
 SUITE_QUICK = replace(SUITE, lr=5e-4, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=8,
                       max_chars=100, calibration_sets=4, consistency_queries=4, consistency_sets=3, unseen_queries=4)
 

@@ -24,7 +24,7 @@ def test_quick_demo_then_eval_of_its_weights(tmp_path, capsys):
     assert before["num_prompts"] == after["num_prompts"] == 16
     assert len(before["gold_mass"]) == 30 and len(before["gold_mass"][0]) == 9  # SmolLM2: 30 layers, 9 heads
     assert [h["step"] for h in report["training_log"] if "abft_loss" in h] == [1, 2]
-    assert report["settings"]["lr"] == 5e-4 and report["settings"]["k"] == 4
+    assert report["settings"]["lr"] == 2e-4 and report["settings"]["k"] == 4
     assert (demo_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert (demo_dir / "dynamics.png").read_bytes()[:4] == b"\x89PNG"
     check = report["count_check"]
