@@ -100,15 +100,17 @@ def accuracy(predictions: Sequence[int], prompts: Sequence[ICLPrompt]) -> float:
 
 def consistency_prompts(builder: PromptBuilder, pool: Sequence[Example], queries: Sequence[Example], k: int,
                         num_sets: int, seed: int) -> List[List[ICLPrompt]]:
-    """Per query, `num_sets` prompts whose k demonstrations are drawn independently and uniformly from `pool`.
+    """Per query, `num_sets` prompts whose k demonstrations are drawn independently and uniformly from `pool`
+    (calibration.sample_demonstration_sets, one draw sequence for all queries).
 
     Raises:
         ValueError: k not in [1, len(pool)].
     """
-    if not 1 <= k <= len(pool):
-        raise ValueError(f"k must be in [1, {len(pool)}] for a demonstration pool of {len(pool)}, got {k}")
-    rng = random.Random(seed)
-    return [[builder.build(rng.sample(list(pool), k), query) for _ in range(num_sets)] for query in queries]
+    from .calibration import sample_demonstration_sets
+
+    sets = sample_demonstration_sets(pool, k, num_sets * len(queries), seed)
+    return [[builder.build(demos, query) for demos in sets[i * num_sets:(i + 1) * num_sets]]
+            for i, query in enumerate(queries)]
 
 
 def consistency(predictions: Sequence[Sequence[int]]) -> float:
