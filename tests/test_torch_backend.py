@@ -110,3 +110,26 @@ def test_a_wrong_backend_would_fail():
     _, mass = ak.label_attention(**problem, scale=0.5, backend="torch")
     _, ref = ak.label_attention(**{**problem, **{n: problem[n].double() for n in "qkv"}}, backend="reference")
     assert rel_err(mass, ref) > 1e-3
+
+
+def test_sdpa_broadcasts_kv_heads_only_where_cuda_has_a_kernel_for_it():
+    """On CUDA only the flash kernel takes enable_gqa; fp32 or masked GQA calls must repeat the heads instead of
+    falling back to SDPA's O(N²) math kernel (an H200 run asked for 128 GiB at N = 32768 before this)."""
+    from abft_kernels.ops.label_attention.sdpa import sdpa_broadcasts_kv_heads
+    assert sdpa_broadcasts_kv_heads("cuda", torch.bfloat16, 128, masked=False)
+    assert not sdpa_broadcasts_kv_heads("cuda", torch.float32, 128, masked=False)
+    assert not sdpa_broadcasts_kv_heads("cuda", torch.bfloat16, 128, masked=True)
+    assert not sdpa_broadcasts_kv_heads("cuda", torch.float16, 512, masked=False)
+    assert sdpa_broadcasts_kv_heads("cpu", torch.float32, 128, masked=True)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_repeated_kv_heads_match_the_reference(monkeypatch, padding, rows):
+    """The path that repeats the key/value heads for SDPA (CUDA's fp32 and masked calls) is exact: here on CPU,
+    with the CUDA rule forced."""
+    from abft_kernels.ops.label_attention import sdpa
+    monkeypatch.setattr(sdpa, "sdpa_broadcasts_kv_heads", lambda *args, **kwargs: False)
+    problem = make_problem(heads=6, kv_heads=2, seq_len=45, head_dim=8, num_classes=3, padding=padding, rows=rows,
+                           seed=11)
+    assert_matches_reference(problem, "torch")

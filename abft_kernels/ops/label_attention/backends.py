@@ -10,10 +10,20 @@ Every backend is a module of this package with the same three members:
 A backend is *available* when its module imports: the module of an optional backend raises ImportError with
 the reason (Triton not installed, the CUDA extension not built) when it cannot run here.
 
-``auto`` tries the backends of ``AUTO_ORDER`` for the inputs' device, in that order, and takes the first that is
-available and supports the arguments. The order is not yet measured (no GPU run exists, issue 11): on CUDA the
-fused Triton kernel comes first, then the exact PyTorch path; ``cuda`` (the compiled row-mass extension) is never
-chosen automatically until measurements show where it wins. ``reference`` (float64, O(N²) memory) is for tests.
+``auto`` tries the backends of ``AUTO_ORDER`` for the inputs' device and the number of rows that carry a mass, in
+that order, and takes the first that is available and supports the arguments. The order on CUDA is measured
+(benchmarks/results/nvidia-h200/gpu-headline.md: one H200, bf16, Hq = 32, Hkv = 8, D = 128, causal, C = 4):
+
+* few rows (R <= N / 8; ABFT's one query row per prompt): "torch", i.e. SDPA's output plus an exact recompute of
+  the R rows. At R = 1, forward + backward: 1.31x SDPA alone at N = 8192 and 1.09x at 32768, against 3.4x and
+  3.2x for the fused Triton kernel (whose flash part runs at about 0.2x SDPA's TFLOP/s). The compiled "cuda"
+  row-mass extension was faster only at N = 2048 (1.81x against torch's 2.28x) and is never chosen automatically.
+* many rows (R > N / 8; query_rows=None is R = N): "triton", the fused kernel. At R = N, forward: 2.9 / 9.7 /
+  72 ms at N = 2048 / 8192 / 32768, 5x to 8x faster than "cuda" and "torch".
+* only R = 1 and R = N were measured; the boundary N / 8 is where the row recompute's extra work (4·R·N·Hq·D
+  fp32 FLOPs forward, about twice that backward) reaches the fused kernel's measured overhead over SDPA.
+
+Every other device runs "torch". ``reference`` (float64, O(N²) memory) is for tests.
 """
 from __future__ import annotations
 
@@ -30,9 +40,11 @@ _MODULES = {
     "triton": f"{__package__}.triton_backend",
     "cuda": f"{__package__}.cuda_backend",
 }
-# backend="auto": candidates per device type, first choice first; every other device type gets _AUTO_FALLBACK.
-AUTO_ORDER = {"cuda": ("triton", "torch")}
-_AUTO_FALLBACK = ("torch",)
+# backend="auto": candidates per device type and row regime, first choice first (see the module's docstring);
+# every other device type gets _AUTO_FALLBACK.
+AUTO_ORDER = {"cuda": {"few rows": ("torch", "triton"), "many rows": ("triton", "torch")}}
+_AUTO_FALLBACK = {"few rows": ("torch",), "many rows": ("torch",)}
+FEW_ROWS_PER_KEY = 1 / 8  # R <= N / 8 is "few rows"
 
 
 class BackendChoice(NamedTuple):
@@ -96,12 +108,16 @@ def choose_backend(backend: str, args: LabelAttentionArgs):
         if module is None:
             raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
         return module, BackendChoice(backend, "requested")
-    order = AUTO_ORDER.get(args.q.device.type, _AUTO_FALLBACK)
+    seq_len = args.q.shape[2]
+    num_rows = seq_len if args.query_rows is None else args.query_rows.shape[1]
+    regime = "few rows" if num_rows <= FEW_ROWS_PER_KEY * seq_len else "many rows"
+    order = AUTO_ORDER.get(args.q.device.type, _AUTO_FALLBACK)[regime]
     skipped = []
     for name in order:
         module, reason = _why_not(name, args)
         if module is not None:
-            why = f"auto on {args.q.device.type}: first of {order} that takes the call"
+            why = f"auto on {args.q.device.type}, {regime} (R={num_rows}, N={seq_len}): first of {order} that takes " \
+                  "the call"
             return module, BackendChoice(name, why + "".join(f"; skipped {s}" for s in skipped))
         skipped.append(f"{name} ({reason})")
     raise ValueError(f"backend='auto' found no backend for this call: {'; '.join(skipped)}")
