@@ -7,7 +7,7 @@
 # the kernel tests natively and the Llama-3-8B training step, each stage inside a time budget it prints, and
 # checks issue 11's goals. Writes at most 8 files to $OUT (default runs/gpu-session/), a short table last.
 # Without a GPU the GPU stages are skipped with the reason. See benchmarks/README.md, "GPU session".
-# Environment: OUT, PYTHON (default python3), ABFT_COMMIT (the commit, where the tree has no .git).
+# Environment: OUT, PYTHON (default python3), ABFT_COMMIT (the commit; it wins over a copied .git, which may be stale).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu-session}"

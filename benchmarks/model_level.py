@@ -156,18 +156,21 @@ def abft_step(model, batch: ModelBatch, kwargs: dict, masses_of):
     return loss.detach(), label_mass
 
 
-def resolved_backend(method: ModelMethod, name: str, device: torch.device, dtype: torch.dtype) -> dict:
+def resolved_backend(method: ModelMethod, name: str, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict:
     """{"backend": the label_attention backend the method's abft= calls run on, "backend_reason": why}, or None for
-    methods without masses; resolved on a one-token problem of the model's head shape."""
+    methods without masses; resolved on the step's own shape (one prompt of seq_len tokens, its last row), with
+    broadcast (unallocated) stand-ins for q, k and v."""
     if method.backend is None:
         return {"backend": None, "backend_reason": None}
     config = MODEL_CONFIGS[name]
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    q = torch.zeros(1, config["num_attention_heads"], 1, head_dim, device=device, dtype=dtype)
-    k = torch.zeros(1, config["num_key_value_heads"], 1, head_dim, device=device, dtype=dtype)
-    key_class = torch.full((1, 1), -1, device=device)
-    choice = ak.resolve_backend(q, k, k, key_class, NUM_CLASSES, query_rows=torch.zeros(1, 1, dtype=torch.long,
-                                device=device), backend=method.backend)
+    q = torch.zeros(1, config["num_attention_heads"], 1, head_dim, device=device, dtype=dtype).expand(
+        -1, -1, seq_len, -1)
+    k = torch.zeros(1, config["num_key_value_heads"], 1, head_dim, device=device, dtype=dtype).expand(
+        -1, -1, seq_len, -1)
+    key_class = torch.full((1, seq_len), -1, device=device)
+    query_rows = torch.full((1, 1), seq_len - 1, device=device)
+    choice = ak.resolve_backend(q, k, k, key_class, NUM_CLASSES, query_rows=query_rows, backend=method.backend)
     return {"backend": choice.name, "backend_reason": choice.reason}
 
 
@@ -185,7 +188,7 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
     built = None
     for seq_len in seq_lens:
         for method in methods:
-            row = {"level": "model", "model": name, "method": method.name, **resolved_backend(method, name, device, dtype),
+            row = {"level": "model", "model": name, "method": method.name, **resolved_backend(method, name, seq_len, device, dtype),
                    "seq_len": seq_len,
                    "batch": 1, "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES,
                    "dtype": str(dtype)[6:], "gradient_checkpointing": device.type == "cuda", "num_layers": layers,

@@ -59,8 +59,8 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine makes CPU timings noisy
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # A copy of the tree without .git (a device machine's) names its commit in ABFT_COMMIT.
-        "commit": os.environ.get("ABFT_COMMIT") if commit is None else commit + ("-dirty" if dirty else ""),
+        # ABFT_COMMIT names the commit of a copied tree (a device machine's), whose .git may be missing or stale.
+        "commit": os.environ.get("ABFT_COMMIT") or (commit and commit + ("-dirty" if dirty else "")),
     }
 
 

@@ -118,3 +118,35 @@ def test_hf_padded_batch_saves_linear_bytes(with_labels):
     """A padded batch through the HF integration, with or without masses: no [B, 1, N, N] mask is kept."""
     small, large = hf_step_saved_bytes(SEQ_LEN, with_labels), hf_step_saved_bytes(2 * SEQ_LEN, with_labels)
     assert large <= MAX_GROWTH * small, f"with_labels={with_labels}: {small} -> {large} bytes ({large / small:.2f}x)"
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the bytes of the largest tensor any op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_row_recompute_creates_nothing_larger_than_q(padding):
+    """The selected-rows path (ABFT's query row, auto's choice on CUDA) in bfloat16 with GQA: no intermediate of its
+    forward or backward is larger than q itself: no fp32 copy of q or of dq, nothing N x N (an H200 run measured its
+    transients; a whole fp32 copy of q and of dq cost 1 GiB per layer at N = 32768 in Llama-3-8B's shape)."""
+    from abft_kernels.ops.label_attention.row_mass_torch import row_label_mass
+    from abft_kernels.ops.label_attention.validation import validate_label_attention_args
+    problem = make_problem(batch=2, heads=8, kv_heads=2, seq_len=512, head_dim=16, num_classes=3, padding=padding,
+                           dtype=torch.bfloat16, seed=5)
+    q, k = problem["q"].requires_grad_(True), problem["k"].requires_grad_(True)
+    args = validate_label_attention_args(q, k, problem["v"], problem["key_class"], problem["num_classes"],
+                                         problem["query_rows"], True, None, problem["key_padding_mask"], None)
+    with _LargestOutput() as tracker:
+        row_label_mass(args).square().sum().backward()
+    assert tracker.largest <= q.numel() * q.element_size(), (tracker.largest, q.numel() * q.element_size())

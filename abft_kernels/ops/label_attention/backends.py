@@ -19,7 +19,8 @@ that order, and takes the first that is available and supports the arguments. Th
   3.2x for the fused Triton kernel (whose flash part runs at about 0.2x SDPA's TFLOP/s). The compiled "cuda"
   row-mass extension was faster only at N = 2048 (1.81x against torch's 2.28x) and is never chosen automatically.
 * many rows (R > N / 8; query_rows=None is R = N): "triton", the fused kernel. At R = N, forward: 2.9 / 9.7 /
-  72 ms at N = 2048 / 8192 / 32768, 5x to 8x faster than "cuda" and "torch".
+  72 ms at N = 2048 / 8192 / 32768, 6x to 7x faster than "cuda" and 2.8x faster than "torch" (27 / 202 ms at
+  8192 / 32768).
 * only R = 1 and R = N were measured; the boundary N / 8 is where the row recompute's extra work (4·R·N·Hq·D
   fp32 FLOPs forward, about twice that backward) reaches the fused kernel's measured overhead over SDPA.
 

@@ -26,9 +26,10 @@ def _row_chunks(args: LabelAttentionArgs):
 
 def _row_probs(args: LabelAttentionArgs, q_rows: torch.Tensor, k: torch.Tensor, rows: torch.Tensor):
     """Softmax rows [B,Hkv,G,Rc,N] of the selected rows (zero where invisible or for empty slots)."""
-    batch, num_kv_heads, _, head_dim = k.shape
-    q_rows = q_rows.view(batch, num_kv_heads, -1, rows.shape[1], head_dim)
-    scores = args.scale * q_rows @ k[:, :, None].transpose(-1, -2)
+    batch, num_kv_heads, seq_len, head_dim = k.shape
+    # A query group's rows side by side, [B,Hkv,G·Rc,D]: one matmul per key head, no G-fold copy of k.
+    scores = args.scale * q_rows.view(batch, num_kv_heads, -1, head_dim) @ k.transpose(-1, -2)
+    scores = scores.view(batch, num_kv_heads, -1, rows.shape[1], seq_len)
     visible = row_key_visibility(args, rows)[:, None, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -39,13 +40,14 @@ class TorchRowMassFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, args: LabelAttentionArgs):
         compute_dtype = mass_compute_dtype(q.dtype)
-        qc, kc = q.to(compute_dtype), k.to(compute_dtype)
+        kc = k.to(compute_dtype)  # q only row by row: a whole fp32 copy of q would be O(B·Hq·N·D) for R rows
         one_hot = label_one_hot(args.key_class, args.num_classes, compute_dtype)[:, None, None]  # [B,1,1,N,C]
         rows = args.query_rows.clamp(min=0)
         batch, num_heads = q.shape[:2]
         masses = []
         for part in _row_chunks(args):
-            probs = _row_probs(args, gather_rows(qc, rows[:, part]), kc, args.query_rows[:, part])
+            q_rows = gather_rows(q, rows[:, part]).to(compute_dtype)
+            probs = _row_probs(args, q_rows, kc, args.query_rows[:, part])
             masses.append((probs @ one_hot).reshape(batch, num_heads, -1, args.num_classes))
         mass = torch.cat(masses, dim=2)
         ctx.save_for_backward(q, k, mass)
@@ -59,26 +61,27 @@ class TorchRowMassFunction(torch.autograd.Function):
         q, k, mass = ctx.saved_tensors
         args = dataclasses.replace(ctx.args, q=q, k=k)
         compute_dtype = mass.dtype
-        qc, kc = q.to(compute_dtype), k.to(compute_dtype)
+        kc = k.to(compute_dtype)
         grad_mass = grad_mass.to(compute_dtype)
         one_hot = label_one_hot(args.key_class, args.num_classes, compute_dtype)[:, None, None]
         rows = args.query_rows.clamp(min=0)
         batch, num_kv_heads, _, head_dim = k.shape
-        grad_q = torch.zeros_like(qc)
+        # dq is nonzero on the R rows only: it is scattered into q's dtype (a repeated row's gradients add there).
+        grad_q = torch.zeros_like(q)
         grad_k = torch.zeros_like(kc)
         for part in _row_chunks(args):
-            q_rows = gather_rows(qc, rows[:, part])
+            q_rows = gather_rows(q, rows[:, part]).to(compute_dtype)
             probs = _row_probs(args, q_rows, kc, args.query_rows[:, part])  # [B,Hkv,G,Rc,N]
             g = grad_mass[:, :, part].view(batch, num_kv_heads, -1, probs.shape[3], args.num_classes)
             m = mass[:, :, part].view_as(g)
             # dP[r, j] = G[r, class(j)]; softmax backward subtracts sum_j P dP = sum_c G·mass.
             grad_scores = probs * (g @ one_hot.transpose(-1, -2) - (g * m).sum(-1, keepdim=True))
-            grad_q_rows = args.scale * grad_scores @ kc[:, :, None]  # [B,Hkv,G,Rc,D]
-            grad_k += args.scale * (grad_scores.transpose(-1, -2) @ q_rows.view_as(grad_q_rows)).sum(2)
-            grad_q_rows = grad_q_rows.reshape(batch, -1, probs.shape[3], head_dim)
+            grad_scores = grad_scores.view(batch, num_kv_heads, -1, grad_scores.shape[-1])  # [B,Hkv,G·Rc,N]
+            grad_k += args.scale * grad_scores.transpose(-1, -2) @ q_rows.view(batch, num_kv_heads, -1, head_dim)
+            grad_q_rows = (args.scale * grad_scores @ kc).view(q_rows.shape)  # [B,Hq,Rc,D]
             index = rows[:, None, part, None].expand_as(grad_q_rows)
-            grad_q.scatter_add_(2, index, grad_q_rows)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), None
+            grad_q.scatter_add_(2, index, grad_q_rows.to(q.dtype))
+        return grad_q, grad_k.to(k.dtype), None
 
 
 def row_label_mass(args: LabelAttentionArgs) -> torch.Tensor:
