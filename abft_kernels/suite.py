@@ -8,11 +8,13 @@ On the same held-out prompts as `abft train/eval` (workflow.held_out_prompts), e
 2. "ood" (paper Table 2): the vanilla, ABFT- and E2E-trained models on the held-out prompts of a second task.
 3. "demo-consistency" (paper §6, robustness): per query, predictions under `consistency_sets` independently drawn
    demonstration sets; consistency = share of the most frequent prediction, averaged over queries.
-4. "unseen-label" (paper Fig. 3, unbiasedness): accuracy with demonstrations that never carry the query's gold
+4. "template-consistency" (paper §6, robustness): per query, predictions under StaICC's 9 templates (an L9
+   orthogonal array over instruction, input prefix, label prefix and label affix) with the same demonstrations;
+   consistency as above. StaICC tasks with its diag.json take its templates, test items and demonstrations.
+5. "unseen-label" (paper Fig. 3, unbiasedness): accuracy with demonstrations that never carry the query's gold
    label, against 0-shot and randomly drawn demonstrations.
 
-Not built yet: template consistency (needs StaICC's diagnostic templates), mode connectivity (paper Eq. 2), the
-seven-dataset results. The trained models are trained once, on first use, and kept for the later parts.
+Not built yet: mode connectivity (paper Eq. 2), the seven-dataset results. The trained models are trained once, on first use, and kept for the later parts.
 """
 from __future__ import annotations
 
@@ -28,16 +30,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .icl import Example, ICLPrompt, PromptBuilder, StaICCTask
+from .icl.data import template_factors
+from .icl.templates import template_variants
 from .models import DEFAULT_MODEL
 from .settings import PAPER, ABFTSettings, given_settings, preset_epilog
 from .workflow import held_out_prompts, load_workflow_task, setup_device, task_template, train_on_task
 
-PART_NAMES = ("table", "ood", "demo-consistency", "unseen-label")
+PART_NAMES = ("table", "ood", "demo-consistency", "template-consistency", "unseen-label")
 # Second task of the "ood" part when --ood-dataset is not given (the paper's Table 2 pairs sentiment and SUBJ).
 DEFAULT_OOD = {"rt-sentiment": "rt-subj", "rt-subj": "rt-sentiment", "mr": "subj", "subj": "mr",
                "staicc:mr": "staicc:subj", "staicc:subj": "staicc:mr"}
 # Seeds, offset from --seed: content-free demonstration sets, consistency sets, unseen-label / random demonstrations.
-CALIBRATION_SEED_OFFSET, CONSISTENCY_SEED_OFFSET, UNSEEN_SEED_OFFSET = 3, 4, 5
+CALIBRATION_SEED_OFFSET, CONSISTENCY_SEED_OFFSET, UNSEEN_SEED_OFFSET, TEMPLATE_SEED_OFFSET = 3, 4, 5, 6
 
 
 def _help(text: str) -> dict:
@@ -59,13 +63,15 @@ class SuiteSettings(ABFTSettings):
         "demonstration sets of the content-free prompts (x 3 queries) of contextual calibration (StaICC: 128)"))
     consistency_queries: int = field(default=64, metadata=_help("queries of the demonstration-consistency part"))
     consistency_sets: int = field(default=8, metadata=_help("demonstration sets per query (the paper: 8)"))
+    template_queries: int = field(default=100, metadata=_help(
+        "queries of the template-consistency part, each under 9 templates (StaICC: 100)"))
     unseen_queries: int = field(default=256, metadata=_help("queries of the unseen-label part"))
 
 
 SUITE = SuiteSettings()
 # `abft suite --quick`: a smoke run (minutes on 2 CPU cores with the built-in model); lr 5e-4 (2 steps move little).
 SUITE_QUICK = replace(SUITE, lr=5e-4, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=8,
-                      max_chars=100, calibration_sets=4, consistency_queries=4, consistency_sets=3, unseen_queries=4)
+                      max_chars=100, calibration_sets=4, consistency_queries=4, consistency_sets=3, template_queries=3, unseen_queries=4)
 
 
 def parse_parts(parts: str) -> List[str]:
@@ -257,6 +263,49 @@ def part_demo_consistency(run: SuiteRun) -> dict:
     return result
 
 
+def template_consistency_items(run: SuiteRun) -> tuple:
+    """(templates, [(demonstrations, query)], source) of the template-consistency part: StaICC's own diagnostic
+    when the task carries it (diag.json), else the task's default template varied by StaICC's options for its
+    dataset (`template_variants`) with one demonstration set per query drawn from the pool.
+
+    Raises:
+        ValueError: a dataset without StaICC's template options (`icl.data.template_factors`), or a custom template.
+    """
+    task, settings = run.task, run.settings
+    count = settings.template_queries
+    if isinstance(task, StaICCTask) and task.consistency_plan is not None:
+        items = [([task.demonstrations[p] for p in demo_positions], task.test[test_position])
+                 for demo_positions, test_position in task.consistency_plan[:count]]
+        return task.consistency_templates, items, "StaICC's diag.json: its templates, test items and demonstrations"
+    from .calibration import sample_demonstration_sets
+
+    templates = template_variants(task.template, template_factors(task))
+    queries = run.queries(count)
+    sets = sample_demonstration_sets(demonstration_pool(task), settings.k, len(queries),
+                                     settings.seed + TEMPLATE_SEED_OFFSET)
+    return templates, list(zip(sets, queries)), "StaICC's template options for the dataset; demonstrations drawn"
+
+
+def part_template_consistency(run: SuiteRun) -> dict:
+    """Template consistency of vanilla, ABFT (and E2E if trained): per query the same demonstrations under each
+    template, each template read out on its own label tokens."""
+    try:
+        templates, items, source = template_consistency_items(run)
+    except ValueError as error:  # no known alternative templates for this dataset: said in the report, not guessed
+        return {"skipped": str(error)}
+    builders = [PromptBuilder(run.tokenizer, t, style=run.settings.prompt_style) for t in templates]
+    grids = [[b.build(demos, query) for demos, query in items] for b in builders]  # [template][query]
+    result = {"num_queries": len(items), "num_templates": len(templates), "source": source,
+              "templates": [asdict(t) for t in templates], "models": {}}
+    for name in ["vanilla", "abft"] + (["e2e"] if "e2e" in run.models else []):
+        per_template = [run.read_out(name, prompts, b.label_token_ids) for b, prompts in zip(builders, grids)]
+        result["models"][name] = {
+            "consistency": consistency([list(row) for row in zip(*per_template)]),
+            "accuracy_per_template": [accuracy(p, prompts) for p, prompts in zip(per_template, grids)],
+            "predictions": [list(row) for row in zip(*per_template)]}
+    return result
+
+
 def part_unseen_label(run: SuiteRun) -> dict:
     """Accuracy of vanilla, ABFT (and E2E if trained) with unseen-label, random and no demonstrations."""
     settings = run.settings
@@ -274,7 +323,7 @@ def part_unseen_label(run: SuiteRun) -> dict:
 
 PARTS: Dict[str, Callable[[SuiteRun], dict]] = {
     "table": part_table, "ood": part_ood, "demo-consistency": part_demo_consistency,
-    "unseen-label": part_unseen_label}
+    "template-consistency": part_template_consistency, "unseen-label": part_unseen_label}
 
 
 def run_parts(settings: SuiteSettings, output_dir: Path, device: torch.device) -> dict:
@@ -318,6 +367,10 @@ def format_report(report: dict) -> str:
     if demo:
         rows.append((f"demo consistency ({demo['num_sets']} sets)",
                      [demo["models"].get(m, {}).get("consistency") for m in methods], "{:.3f}"))
+    templates = report.get("template-consistency")
+    if templates and "skipped" not in templates:
+        rows.append((f"template consistency ({templates['num_templates']})",
+                     [templates["models"].get(m, {}).get("consistency") for m in methods], "{:.3f}"))
     unseen = report.get("unseen-label")
     if unseen:
         for kind in ("zero_shot", "random", "unseen_label"):
@@ -329,8 +382,9 @@ def format_report(report: dict) -> str:
     lines = [title, f"{'':34}" + "".join(f"{m:>13}" for m in methods)]
     for name, values, fmt in rows:
         lines.append(f"{name:34}" + "".join(f"{fmt.format(v) if v is not None else '-':>13}" for v in values))
-    if ood and "skipped" in ood:
-        lines.append(f"ood: skipped ({ood['skipped']})")
+    for name in ("ood", "template-consistency"):
+        if "skipped" in (report.get(name) or {}):
+            lines.append(f"{name}: skipped ({report[name]['skipped']})")
     lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
 
@@ -354,6 +408,9 @@ def save_accuracy_bars(path: Path, report: dict) -> Path:
     if report.get("demo-consistency"):
         groups.append(("demo consistency", {m: v["consistency"]
                                             for m, v in report["demo-consistency"]["models"].items()}))
+    if report.get("template-consistency") and "skipped" not in report["template-consistency"]:
+        groups.append(("template consistency", {m: v["consistency"]
+                                                for m, v in report["template-consistency"]["models"].items()}))
     if report.get("unseen-label"):
         for kind in ("zero_shot", "random", "unseen_label"):
             groups.append((kind.replace("_", "-"), {m: v[kind] for m, v in report["unseen-label"]["accuracy"].items()}))

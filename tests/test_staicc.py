@@ -6,7 +6,7 @@ import pytest
 
 from abft_kernels.icl import (Example, PromptBuilder, StaICCTask, Template, is_staicc_source, load_staicc,
                               staicc_prompts, staicc_template)
-from tiny_icl import tiny_tokenizer, write_staicc_files
+from tiny_icl import tiny_tokenizer, write_staicc_diag, write_staicc_files
 
 SENTIMENT = Template("review: ", "sentiment:", ("negative", "positive"))
 
@@ -181,3 +181,24 @@ def test_train_and_eval_commands_follow_staicc(tmp_path, tokenizer):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["before"]["num_prompts"] == report["after"]["num_prompts"] == 8  # StaICC's 4 test items x 2 sets
     assert len(report["before"]["predictions"]) == 8
+
+
+OTHER_TEMPLATE = {**TEMPLATE, "instruction": "", "input_text_prefixes": ["text: "], "label_prefix": "label: ",
+                  "label_affix": " "}
+
+
+def test_load_staicc_reads_the_template_consistency_diagnostic(tmp_path):
+    root = make_root(tmp_path)
+    assert load_staicc("tiny_set", root).consistency_plan is None  # no diag.json: no plan
+    write_staicc_diag(root, "tiny_set", [TEMPLATE, OTHER_TEMPLATE], LABELS, test=[4, 2, 10, 6],
+                      demonstration=[0, 5, 9, 11, 3, 12], demo_pos=[[0, 2], [5, 1], [3, 3]])
+    task = load_staicc("tiny_set", root)
+    assert task.consistency_templates[0] == task.template and len(task.consistency_templates) == 2
+    assert task.consistency_templates[1].input_prefix == "text: " and task.consistency_templates[1].label_affix == " "
+    assert task.consistency_plan == [((0, 2), 0), ((5, 1), 1), ((3, 3), 2)]
+    write_staicc_diag(root, "tiny_set", [OTHER_TEMPLATE], LABELS, [4, 2, 10, 6], [0, 5, 9, 11, 3, 12], [[0, 2]])
+    with pytest.raises(ValueError, match="template 0 is not the dataset's default template"):
+        load_staicc("tiny_set", root)
+    write_staicc_diag(root, "tiny_set", [TEMPLATE], LABELS, [5, 2, 10, 6], [0, 5, 9, 11, 3, 12], [[0, 2]])
+    with pytest.raises(ValueError, match="does not fit the demonstration split"):
+        load_staicc("tiny_set", root)

@@ -62,7 +62,9 @@ def test_suite_end_to_end(tmp_path, capsys):
         assert row in printed
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert report["parts"] == ["table", "ood", "demo-consistency", "unseen-label"]
+    assert report["parts"] == ["table", "ood", "demo-consistency", "template-consistency", "unseen-label"]
+    assert "has none" in report["template-consistency"]["skipped"]  # a CSV task: no alternative templates known
+    assert "template-consistency: skipped (template consistency needs StaICC's alternative templates" in printed
     assert set(report["training"]) == {"abft", "e2e"}
     assert report["training"]["e2e"]["objective"] == "e2e"
 
@@ -139,3 +141,33 @@ def test_parts_and_objective_are_checked():
         parse_parts("table,mode-connectivity")
     with pytest.raises(ValueError, match="not an option of the suite"):
         main(["suite", "--objective", "e2e", "--parts", "table"])
+
+
+def test_template_consistency_follows_staicc_diag(tmp_path):
+    """--parts template-consistency on a StaICC task with diag.json: its templates, test items and demonstrations;
+    each template read out on its own label tokens; consistency over the templates."""
+    from test_staicc import LABELS, OTHER_TEMPLATE, TEMPLATE, make_root
+    from tiny_icl import write_staicc_diag
+
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    root = make_root(tmp_path)
+    third = {**OTHER_TEMPLATE, "instruction": "Label the film. ", "label_affix": "\n"}
+    write_staicc_diag(root, "tiny_set", [TEMPLATE, OTHER_TEMPLATE, third], LABELS, test=[4, 2, 10, 6],
+                      demonstration=[0, 5, 9, 11, 3, 12], demo_pos=[[0, 2], [5, 1], [3, 3], [4, 0]])
+    main(["suite", "--model", str(tmp_path / "model"), "--dataset", "staicc:tiny_set", "--staicc-root", str(root),
+          *SIZE, "--template-queries", "3", "--parts", "template-consistency", "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["template-consistency"]
+    assert report["num_templates"] == 3 and report["num_queries"] == 3 and report["source"].startswith("StaICC's diag")
+    assert [t["input_prefix"] for t in report["templates"]] == ["sentence: ", "text: ", "text: "]
+    assert set(report["models"]) == {"vanilla", "abft"}
+    for values in report["models"].values():
+        assert len(values["predictions"]) == 3 and all(len(row) == 3 for row in values["predictions"])
+        assert values["consistency"] == consistency(values["predictions"]) and 1 / 3 <= values["consistency"] <= 1
+        assert len(values["accuracy_per_template"]) == 3
+        # template t's accuracy is its column of predictions against the test items' golds (rows 4, 2, 10: labels
+        # 4 % 3, 2 % 3, 10 % 3)
+        golds = [1, 2, 1]
+        for t, acc in enumerate(values["accuracy_per_template"]):
+            assert acc == sum(row[t] == g for row, g in zip(values["predictions"], golds)) / 3

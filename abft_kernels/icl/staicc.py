@@ -24,6 +24,7 @@ from .templates import Template
 
 STAICC_PREFIX = "staicc:"  # --dataset staicc:<name>
 SPLITS_FILE = "splits.json"
+DIAG_FILE = "diag.json"
 
 
 @dataclass
@@ -32,6 +33,10 @@ class StaICCTask(ICLTask):
 
     demonstrations: List[Example]  # the demonstration split, in StaICC's order
     prompt_plan: List[Tuple[Tuple[int, ...], int]]  # per prompt: (positions in demonstrations, position in test)
+    # StaICC's template-consistency diagnostic (diag.json, when the export has it): its 9 templates, and per test
+    # item (positions in demonstrations, position in test), the same for every template.
+    consistency_templates: Optional[List[Template]] = None
+    consistency_plan: Optional[List[Tuple[Tuple[int, ...], int]]] = None
 
     def prompt_examples(self, index: int) -> Tuple[List[Example], Example]:
         """(demonstrations, query) of StaICC prompt `index` (0 <= index < len(prompt_plan))."""
@@ -141,8 +146,40 @@ def load_staicc(name: str, root: Optional[Union[str, Path]]) -> StaICCTask:
             raise ValueError(f"{where}: prompt {j} has test_pos {test_pos} / test_row {prompt['test_row']}, expected "
                              f"position {j % len(test_rows)} (row {test_rows[j % len(test_rows)]})")
         plan.append((demo_pos, test_pos))
+    templates, consistency_plan = _template_consistency(root / DIAG_FILE, staicc_name, template, len(demo_rows),
+                                                        test_rows)
     return StaICCTask(name=STAICC_PREFIX + staicc_name, template=template, train=train, test=test,
-                      demonstrations=demonstrations, prompt_plan=plan)
+                      demonstrations=demonstrations, prompt_plan=plan, consistency_templates=templates,
+                      consistency_plan=consistency_plan)
+
+
+def _template_consistency(path: Path, staicc_name: str, template: Template, num_demonstrations: int,
+                          test_rows: List[int]):
+    """(templates, plan) of StaICC's template-consistency diagnostic for one dataset from diag.json, or (None, None)
+    when the export has no diag.json or no entry for it.
+
+    Raises:
+        ValueError: an entry that contradicts the splits (template 0 not the default template, positions out of range,
+            test rows that are not the test split's).
+    """
+    if not path.is_file():
+        return None, None
+    spec = json.loads(path.read_text(encoding="utf-8"))["template_consistency"]["datasets"].get(staicc_name)
+    if spec is None:
+        return None, None
+    where = f"{path} [template_consistency.{staicc_name}]"
+    templates = [staicc_template(t, t["label_space"]) for t in spec["templates"]]
+    if templates[0] != template:
+        raise ValueError(f"{where}: template 0 is not the dataset's default template")
+    plan = []
+    for j, prompt in enumerate(spec["prompts"]):
+        demo_pos, test_pos = tuple(prompt["demo_pos"]), prompt["test_pos"]
+        if not all(0 <= p < num_demonstrations for p in demo_pos) or not 0 <= test_pos < len(test_rows) \
+                or test_rows[test_pos] != prompt["test_row"]:
+            raise ValueError(f"{where}: prompt {j} ({prompt}) does not fit the demonstration split of "
+                             f"{num_demonstrations} and the test split")
+        plan.append((demo_pos, test_pos))
+    return templates, plan
 
 
 def staicc_prompts(builder: PromptBuilder, task: StaICCTask, num_prompts: Optional[int] = None) -> List[ICLPrompt]:
