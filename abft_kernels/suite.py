@@ -13,8 +13,10 @@ On the same held-out prompts as `abft train/eval` (workflow.held_out_prompts), e
    consistency as above. StaICC tasks with its diag.json take its templates, test items and demonstrations.
 5. "unseen-label" (paper Fig. 3, unbiasedness): accuracy with demonstrations that never carry the query's gold
    label, against 0-shot and randomly drawn demonstrations.
+6. "mode-connectivity" (paper Eq. 2): accuracy of theta0 + lambda_E (thetaE - theta0) + lambda_A (thetaA - theta0) on
+   a grid of (lambda_E, lambda_A), as a contour plot.
 
-Not built yet: mode connectivity (paper Eq. 2), the seven-dataset results. The trained models are trained once, on first use, and kept for the later parts.
+Not built yet: the seven-dataset results. The trained models are trained once, on first use, and kept for the later parts.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .models import DEFAULT_MODEL
 from .settings import PAPER, ABFTSettings, given_settings, preset_epilog
 from .workflow import held_out_prompts, load_workflow_task, setup_device, task_template, train_on_task
 
-PART_NAMES = ("table", "ood", "demo-consistency", "template-consistency", "unseen-label")
+PART_NAMES = ("table", "ood", "demo-consistency", "template-consistency", "unseen-label", "mode-connectivity")
 # Second task of the "ood" part when --ood-dataset is not given (the paper's Table 2 pairs sentiment and SUBJ).
 DEFAULT_OOD = {"rt-sentiment": "rt-subj", "rt-subj": "rt-sentiment", "mr": "subj", "subj": "mr",
                "staicc:mr": "staicc:subj", "staicc:subj": "staicc:mr"}
@@ -66,12 +68,17 @@ class SuiteSettings(ABFTSettings):
     template_queries: int = field(default=100, metadata=_help(
         "queries of the template-consistency part, each under 9 templates (StaICC: 100)"))
     unseen_queries: int = field(default=256, metadata=_help("queries of the unseen-label part"))
+    connectivity_lambdas: str = field(default="0,0.25,0.5,0.75,1", metadata=_help(
+        "comma-separated values of lambda_E and of lambda_A of the mode-connectivity grid"))
+    connectivity_prompts: int = field(default=64, metadata=_help(
+        "held-out prompts evaluated at each point of the mode-connectivity grid (the first ones)"))
 
 
 SUITE = SuiteSettings()
 # `abft suite --quick`: a smoke run (minutes on 2 CPU cores with the built-in model); lr 5e-4 (2 steps move little).
 SUITE_QUICK = replace(SUITE, lr=5e-4, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=8,
-                      max_chars=100, calibration_sets=4, consistency_queries=4, consistency_sets=3, template_queries=3, unseen_queries=4)
+                      max_chars=100, calibration_sets=4, consistency_queries=4, consistency_sets=3, template_queries=3, unseen_queries=4,
+                      connectivity_lambdas="0,1", connectivity_prompts=4)
 
 
 def parse_parts(parts: str) -> List[str]:
@@ -321,9 +328,105 @@ def part_unseen_label(run: SuiteRun) -> dict:
     return result
 
 
+def effective_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """"<module>.weight" / "<module>.bias" -> the tensor each layer applies, detached: parametrizations applied
+    (trainable_qk's frozen features) and LoRA adapters added to their base layer (peft's delta weights), so that
+    models trained either way compare parameter by parameter with the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    weights = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(layer + ".") for layer in lora_layers):
+            continue  # the adapters and the base layer inside a LoRA layer: folded into the layer below
+        if name in lora_layers:
+            base = module.get_base_layer()
+            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+            weights[f"{name}.weight"] = (base.weight + delta).detach()
+            if getattr(base, "bias", None) is not None:
+                weights[f"{name}.bias"] = base.bias.detach()
+            continue
+        for tensor_name in ("weight", "bias"):
+            tensor = getattr(module, tensor_name, None)
+            if isinstance(tensor, torch.Tensor):
+                weights[f"{name}.{tensor_name}"] = tensor.detach()
+    return weights
+
+
+def parse_lambdas(text: str) -> List[float]:
+    """--connectivity-lambdas -> floats.
+
+    Raises:
+        ValueError: not a comma-separated list of at least two distinct numbers.
+    """
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(set(values)) < 2:
+        raise ValueError(f"--connectivity-lambdas must be at least two distinct comma-separated numbers, got {text!r}")
+    return values
+
+
+def part_mode_connectivity(run: SuiteRun) -> dict:
+    """Accuracy on the first `connectivity_prompts` held-out prompts of theta0 + lambda_E (thetaE - theta0) +
+    lambda_A (thetaA - theta0) for every (lambda_E, lambda_A) of the grid, and mode_connectivity.png (contours).
+
+    Source: ABFT paper (arXiv 2505.14233), Eq. 2 and its mode-connectivity figure. theta0 is the base model, thetaA
+    the ABFT-trained and thetaE the E2E-trained one (LoRA adapters merged into their layers)."""
+    from .models import load_model
+
+    settings = run.settings
+    lambdas = parse_lambdas(settings.connectivity_lambdas)
+    base = effective_weights(run.model("vanilla"))
+    trained = {name: effective_weights(run.model(name)) for name in ("abft", "e2e")}
+    changed = [n for n in base if any(not torch.equal(w[n], base[n]) for w in trained.values())]
+    deltas = {name: {n: trained[name][n] - base[n] for n in changed} for name in trained}
+    scratch, _ = load_model(settings.model, device=run.device, load_in_4bit=settings.load_in_4bit)
+    tensors = {f"{m}.{t}": getattr(module, t) for m, module in scratch.named_modules() for t in ("weight", "bias")
+               if isinstance(getattr(module, t, None), torch.Tensor)}
+    prompts = run.prompts[:settings.connectivity_prompts]
+    grid = []
+    for lambda_e in lambdas:
+        row = []
+        for lambda_a in lambdas:
+            with torch.no_grad():
+                for n in changed:
+                    tensors[n].copy_(base[n] + lambda_e * deltas["e2e"][n] + lambda_a * deltas["abft"][n])
+            row.append(accuracy(read_out(scratch, prompts, run.builder.label_token_ids, run.tokenizer.pad_token_id,
+                                         settings.batch_size), prompts))
+        grid.append(row)
+    result = {"lambdas": lambdas, "num_prompts": len(prompts), "changed_tensors": changed,
+              "accuracy": grid}  # accuracy[i][j]: lambda_E = lambdas[i], lambda_A = lambdas[j]
+    result["plot"] = str(save_connectivity_contour(run.output_dir / "mode_connectivity.png", result, settings))
+    return result
+
+
+def save_connectivity_contour(path: Path, result: dict, settings) -> Path:
+    """PNG: accuracy contours over (lambda_A, lambda_E), the base, ABFT and E2E models marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluation import _save_figure
+
+    lambdas, accuracy_grid = result["lambdas"], result["accuracy"]
+    figure, ax = plt.subplots(figsize=(4.6, 3.8))
+    contours = ax.contourf(lambdas, lambdas, accuracy_grid, levels=12, cmap="viridis")
+    figure.colorbar(contours, ax=ax, label="accuracy")
+    for (x, y), name in (((0, 0), "base"), ((1, 0), "ABFT"), ((0, 1), "E2E")):
+        ax.plot(x, y, "w.")
+        ax.annotate(name, (x, y), color="white", xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("lambda_A (ABFT direction)")
+    ax.set_ylabel("lambda_E (E2E direction)")
+    return _save_figure(figure, path, f"mode connectivity, {result['num_prompts']} prompts of {settings.dataset}")
+
+
 PARTS: Dict[str, Callable[[SuiteRun], dict]] = {
     "table": part_table, "ood": part_ood, "demo-consistency": part_demo_consistency,
-    "template-consistency": part_template_consistency, "unseen-label": part_unseen_label}
+    "template-consistency": part_template_consistency, "unseen-label": part_unseen_label,
+    "mode-connectivity": part_mode_connectivity}
 
 
 def run_parts(settings: SuiteSettings, output_dir: Path, device: torch.device) -> dict:
@@ -376,6 +479,14 @@ def format_report(report: dict) -> str:
         for kind in ("zero_shot", "random", "unseen_label"):
             rows.append((f"acc. {kind.replace('_', '-')} demos",
                          [unseen["accuracy"].get(m, {}).get(kind) for m in methods], "{:.3f}"))
+    connectivity = report.get("mode-connectivity")
+    if connectivity:
+        lambdas, grid = connectivity["lambdas"], connectivity["accuracy"]
+        best = max((grid[i][j], lambdas[i], lambdas[j]) for i in range(len(lambdas)) for j in range(len(lambdas)))
+        extra_lines = [f"mode connectivity ({connectivity['num_prompts']} prompts): best accuracy {best[0]:.3f} at "
+                       f"lambda_E={best[1]:g}, lambda_A={best[2]:g}; plot {connectivity['plot']}"]
+    else:
+        extra_lines = []
     title = (f"abft suite: {s['model'] or DEFAULT_MODEL} on {s['dataset']} (k={s['k']}, "
              f"{(table or {}).get('num_prompts', s['eval_prompts'])} held-out prompts, seed {s['seed']}, "
              f"{s['steps']} steps x {s['prompts_per_step']} prompts)")
@@ -385,6 +496,7 @@ def format_report(report: dict) -> str:
     for name in ("ood", "template-consistency"):
         if "skipped" in (report.get(name) or {}):
             lines.append(f"{name}: skipped ({report[name]['skipped']})")
+    lines += extra_lines
     lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
 

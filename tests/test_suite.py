@@ -46,7 +46,8 @@ def write_task(path, words, rows=48):
 
 SIZE = ["--k", "2", "--eval-prompts", "8", "--steps", "2", "--prompts-per-step", "4", "--micro-batch", "4",
         "--train-prompts", "8", "--lr", "1e-2", "--calibration-sets", "3", "--consistency-queries", "4",
-        "--consistency-sets", "3", "--unseen-queries", "6", "--threads", "1", "--batch-size", "8"]
+        "--consistency-sets", "3", "--unseen-queries", "6", "--connectivity-lambdas", "0,1", "--threads", "1",
+        "--batch-size", "8"]
 
 
 def test_suite_end_to_end(tmp_path, capsys):
@@ -62,7 +63,9 @@ def test_suite_end_to_end(tmp_path, capsys):
         assert row in printed
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (tmp_path / "out" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert report["parts"] == ["table", "ood", "demo-consistency", "template-consistency", "unseen-label"]
+    assert report["parts"] == ["table", "ood", "demo-consistency", "template-consistency", "unseen-label",
+                               "mode-connectivity"]
+    assert len(report["mode-connectivity"]["accuracy"]) == 2 and "mode connectivity (8 prompts)" in printed
     assert "has none" in report["template-consistency"]["skipped"]  # a CSV task: no alternative templates known
     assert "template-consistency: skipped (template consistency needs StaICC's alternative templates" in printed
     assert set(report["training"]) == {"abft", "e2e"}
@@ -138,7 +141,7 @@ def test_unseen_label_prompts_never_show_the_gold_label():
 def test_parts_and_objective_are_checked():
     assert parse_parts("unseen-label, table") == ["table", "unseen-label"]
     with pytest.raises(ValueError, match="--parts must name"):
-        parse_parts("table,mode-connectivity")
+        parse_parts("table,calibration")
     with pytest.raises(ValueError, match="not an option of the suite"):
         main(["suite", "--objective", "e2e", "--parts", "table"])
 
@@ -171,3 +174,34 @@ def test_template_consistency_follows_staicc_diag(tmp_path):
         golds = [1, 2, 1]
         for t, acc in enumerate(values["accuracy_per_template"]):
             assert acc == sum(row[t] == g for row, g in zip(values["predictions"], golds)) / 3
+
+
+def test_mode_connectivity_grid_corners_are_the_three_models(tmp_path):
+    """The grid point (0, 0) is the base model, (lambda_E, lambda_A) = (0, 1) the ABFT-trained and (1, 0) the
+    E2E-trained model (its LoRA adapters merged): their accuracies equal the table's on the same prompts."""
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task = write_task(tmp_path / "sentiment.csv", ["negative", "neutral", "positive"], rows=96)
+    main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE, "--eval-prompts", "24",
+          "--parts", "table,mode-connectivity", "--connectivity-lambdas=-0.5,0,1", "--connectivity-prompts", "24",
+          "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    connectivity, table = report["mode-connectivity"], report["table"]
+    assert connectivity["lambdas"] == [-0.5, 0, 1] and connectivity["num_prompts"] == 24
+    grid = connectivity["accuracy"]  # grid[i][j]: lambda_E = lambdas[i], lambda_A = lambdas[j]
+    assert len(grid) == 3 and all(len(row) == 3 for row in grid)
+    assert grid[1][1] == table["vanilla"]["accuracy"]
+    assert grid[1][2] == table["abft"]["accuracy"]
+    assert grid[2][1] == table["e2e"]["accuracy"]
+    assert connectivity["changed_tensors"] and all("q_proj" in n or "k_proj" in n for n in connectivity["changed_tensors"])
+    assert (tmp_path / "out" / "mode_connectivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_connectivity_lambdas_are_checked():
+    from abft_kernels.suite import parse_lambdas
+
+    assert parse_lambdas("0, 0.5,1") == [0.0, 0.5, 1.0]
+    for bad in ("1", "a,b", "1,1"):
+        with pytest.raises(ValueError, match="--connectivity-lambdas"):
+            parse_lambdas(bad)
