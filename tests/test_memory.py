@@ -150,3 +150,27 @@ def test_row_recompute_creates_nothing_larger_than_q(padding):
     with _LargestOutput() as tracker:
         row_label_mass(args).square().sum().backward()
     assert tracker.largest <= q.numel() * q.element_size(), (tracker.largest, q.numel() * q.element_size())
+
+
+def sink_model_saved_bytes(seq_len: int) -> int:
+    """Bytes autograd keeps from one forward of a tiny gpt-oss (attention sinks, full attention in every layer) on a
+    padded batch without abft= (the model's plain attention)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                          num_experts_per_tok=1, max_position_embeddings=2 * seq_len,
+                          layer_types=["full_attention"] * 2, attn_implementation="abft")
+    model = GptOssForCausalLM(config)
+    input_ids = torch.randint(0, 64, (2, seq_len))
+    mask = torch.ones(2, seq_len, dtype=torch.long)
+    mask[0, :5], mask[1, -5:] = 0, 0
+    return saved_bytes(lambda: model(input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1))[0]
+
+
+def test_hf_sink_model_plain_attention_saves_linear_bytes():
+    """Attention sinks without a sliding window go through SDPA with the sink as a virtual key: no N x N scores or
+    probabilities are kept for backward."""
+    small, large = sink_model_saved_bytes(SEQ_LEN), sink_model_saved_bytes(2 * SEQ_LEN)
+    assert large <= MAX_GROWTH * small, f"{small} -> {large} bytes ({large / small:.2f}x)"
