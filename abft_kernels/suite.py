@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -357,14 +358,15 @@ def parse_lambdas(text: str) -> List[float]:
     """--connectivity-lambdas -> floats.
 
     Raises:
-        ValueError: not a comma-separated list of at least two distinct numbers.
+        ValueError: not a comma-separated list of at least two finite numbers in increasing order.
     """
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if len(set(values)) < 2:
-        raise ValueError(f"--connectivity-lambdas must be at least two distinct comma-separated numbers, got {text!r}")
+    if len(values) < 2 or not all(math.isfinite(v) for v in values) or any(a >= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"--connectivity-lambdas must be at least two finite comma-separated numbers in increasing "
+                         f"order, got {text!r}")
     return values
 
 
@@ -433,6 +435,11 @@ def run_parts(settings: SuiteSettings, output_dir: Path, device: torch.device) -
     """Run the parts of `settings.parts` in order; returns the report (settings, one section per part, training
     logs, seconds per part)."""
     parts = parse_parts(settings.parts)
+    if "mode-connectivity" in parts:
+        parse_lambdas(settings.connectivity_lambdas)  # before any training
+        if settings.load_in_4bit:
+            raise ValueError("the mode-connectivity part interpolates full-precision weights; --load-in-4bit packs "
+                             "them: leave the part out (--parts) or the option")
     if settings.objective != "abft":
         raise ValueError(f"abft suite trains both objectives itself (ABFT, then E2E); --objective "
                          f"{settings.objective!r} is not an option of the suite")

@@ -199,6 +199,14 @@ def test_load_staicc_reads_the_template_consistency_diagnostic(tmp_path):
     write_staicc_diag(root, "tiny_set", [OTHER_TEMPLATE], LABELS, [4, 2, 10, 6], [0, 5, 9, 11, 3, 12], [[0, 2]])
     with pytest.raises(ValueError, match="template 0 is not the dataset's default template"):
         load_staicc("tiny_set", root)
-    write_staicc_diag(root, "tiny_set", [TEMPLATE], LABELS, [5, 2, 10, 6], [0, 5, 9, 11, 3, 12], [[0, 2]])
-    with pytest.raises(ValueError, match="does not fit the demonstration split"):
+    for test, demonstration in (([5, 2, 10, 6], [0, 5, 9, 11, 3, 12]), ([4, 2, 10, 6], [7] * 6)):
+        write_staicc_diag(root, "tiny_set", [TEMPLATE], LABELS, test, demonstration, [[0, 2]])
+        with pytest.raises(ValueError, match="does not fit the demonstration split"):
+            load_staicc("tiny_set", root)
+    write_staicc_diag(root, "tiny_set", [TEMPLATE], LABELS, [4, 2, 10, 6], [0, 5, 9, 11, 3, 12], [[0, 2]])
+    diag = json.loads((root / "diag.json").read_text())
+    diag["template_consistency"]["datasets"]["tiny_set"]["templates"].append({**OTHER_TEMPLATE,
+                                                                               "label_space": ["a", "b", "c"]})
+    (root / "diag.json").write_text(json.dumps(diag))
+    with pytest.raises(ValueError, match="a template has label words"):
         load_staicc("tiny_set", root)

@@ -144,6 +144,10 @@ def test_parts_and_objective_are_checked():
         parse_parts("table,calibration")
     with pytest.raises(ValueError, match="not an option of the suite"):
         main(["suite", "--objective", "e2e", "--parts", "table"])
+    with pytest.raises(ValueError, match="mode-connectivity part interpolates full-precision weights"):
+        main(["suite", "--load-in-4bit", "--lora", "16", "--parts", "mode-connectivity"])
+    with pytest.raises(ValueError, match="--connectivity-lambdas"):
+        main(["suite", "--parts", "mode-connectivity", "--connectivity-lambdas", "1,0"])
 
 
 def test_template_consistency_follows_staicc_diag(tmp_path):
@@ -202,6 +206,6 @@ def test_connectivity_lambdas_are_checked():
     from abft_kernels.suite import parse_lambdas
 
     assert parse_lambdas("0, 0.5,1") == [0.0, 0.5, 1.0]
-    for bad in ("1", "a,b", "1,1"):
+    for bad in ("1", "a,b", "1,1", "0,0,1", "1,0", "nan,1", "0,inf"):
         with pytest.raises(ValueError, match="--connectivity-lambdas"):
             parse_lambdas(bad)

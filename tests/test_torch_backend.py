@@ -112,15 +112,20 @@ def test_a_wrong_backend_would_fail():
     assert rel_err(mass, ref) > 1e-3
 
 
-def test_sdpa_broadcasts_kv_heads_only_where_cuda_has_a_kernel_for_it():
-    """On CUDA only the flash kernel takes enable_gqa; fp32 or masked GQA calls must repeat the heads instead of
-    falling back to SDPA's O(N²) math kernel (an H200 run asked for 128 GiB at N = 32768 before this)."""
+def test_sdpa_broadcasts_kv_heads_only_where_cuda_has_a_kernel_for_it(monkeypatch):
+    """On CUDA only the flash kernel (sm80+) takes enable_gqa; fp32, masked, wide-head or pre-sm80 GQA calls must
+    repeat the heads instead of falling back to SDPA's O(N²) math kernel (an H200 run asked for 128 GiB at
+    N = 32768 before this)."""
     from abft_kernels.ops.label_attention.sdpa import sdpa_broadcasts_kv_heads
-    assert sdpa_broadcasts_kv_heads("cuda", torch.bfloat16, 128, masked=False)
-    assert not sdpa_broadcasts_kv_heads("cuda", torch.float32, 128, masked=False)
-    assert not sdpa_broadcasts_kv_heads("cuda", torch.bfloat16, 128, masked=True)
-    assert not sdpa_broadcasts_kv_heads("cuda", torch.float16, 512, masked=False)
-    assert sdpa_broadcasts_kv_heads("cpu", torch.float32, 128, masked=True)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert sdpa_broadcasts_kv_heads(cuda, torch.bfloat16, 128, masked=False)
+    assert not sdpa_broadcasts_kv_heads(cuda, torch.float32, 128, masked=False)
+    assert not sdpa_broadcasts_kv_heads(cuda, torch.bfloat16, 128, masked=True)
+    assert not sdpa_broadcasts_kv_heads(cuda, torch.float16, 512, masked=False)
+    assert sdpa_broadcasts_kv_heads(torch.device("cpu"), torch.float32, 128, masked=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not sdpa_broadcasts_kv_heads(cuda, torch.float16, 128, masked=False)
 
 
 @pytest.mark.parametrize("padding", ["none", "left"])

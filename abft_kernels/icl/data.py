@@ -78,8 +78,8 @@ def template_factors(task: ICLTask) -> TemplateFactors:
     paper = BUILTIN_PAPER_TASK.get(task.name, task.name)
     if paper not in PAPER_TASKS:
         raise ValueError(f"template consistency needs StaICC's alternative templates, known for "
-                         f"{sorted(PAPER_TASKS) + sorted(BUILTIN_PAPER_TASK)} and staicc:<name>; dataset "
-                         f"{task.name!r} has none")
+                         f"{sorted(PAPER_TASKS) + sorted(BUILTIN_PAPER_TASK)} and for staicc:<name> when the export "
+                         f"has diag.json; dataset {task.name!r} has none")
     return PAPER_TASKS[paper].factors
 
 

@@ -146,21 +146,20 @@ def load_staicc(name: str, root: Optional[Union[str, Path]]) -> StaICCTask:
             raise ValueError(f"{where}: prompt {j} has test_pos {test_pos} / test_row {prompt['test_row']}, expected "
                              f"position {j % len(test_rows)} (row {test_rows[j % len(test_rows)]})")
         plan.append((demo_pos, test_pos))
-    templates, consistency_plan = _template_consistency(root / DIAG_FILE, staicc_name, template, len(demo_rows),
-                                                        test_rows)
+    templates, consistency_plan = _template_consistency(root / DIAG_FILE, staicc_name, template, demo_rows, test_rows)
     return StaICCTask(name=STAICC_PREFIX + staicc_name, template=template, train=train, test=test,
                       demonstrations=demonstrations, prompt_plan=plan, consistency_templates=templates,
                       consistency_plan=consistency_plan)
 
 
-def _template_consistency(path: Path, staicc_name: str, template: Template, num_demonstrations: int,
+def _template_consistency(path: Path, staicc_name: str, template: Template, demo_rows: List[int],
                           test_rows: List[int]):
     """(templates, plan) of StaICC's template-consistency diagnostic for one dataset from diag.json, or (None, None)
     when the export has no diag.json or no entry for it.
 
     Raises:
-        ValueError: an entry that contradicts the splits (template 0 not the default template, positions out of range,
-            test rows that are not the test split's).
+        ValueError: an entry that contradicts the splits (template 0 not the default template, a template with other
+            label words, positions out of range, demonstration or test rows that are not the splits' rows there).
     """
     if not path.is_file():
         return None, None
@@ -171,13 +170,17 @@ def _template_consistency(path: Path, staicc_name: str, template: Template, num_
     templates = [staicc_template(t, t["label_space"]) for t in spec["templates"]]
     if templates[0] != template:
         raise ValueError(f"{where}: template 0 is not the dataset's default template")
+    other_words = [t.label_words for t in templates if t.label_words != template.label_words]
+    if other_words:
+        raise ValueError(f"{where}: a template has label words {other_words[0]}, not the dataset's "
+                         f"{template.label_words} (the gold labels are indices into them)")
     plan = []
     for j, prompt in enumerate(spec["prompts"]):
         demo_pos, test_pos = tuple(prompt["demo_pos"]), prompt["test_pos"]
-        if not all(0 <= p < num_demonstrations for p in demo_pos) or not 0 <= test_pos < len(test_rows) \
-                or test_rows[test_pos] != prompt["test_row"]:
+        if not all(0 <= p < len(demo_rows) for p in demo_pos) or not 0 <= test_pos < len(test_rows) \
+                or [demo_rows[p] for p in demo_pos] != prompt["demo_rows"] or test_rows[test_pos] != prompt["test_row"]:
             raise ValueError(f"{where}: prompt {j} ({prompt}) does not fit the demonstration split of "
-                             f"{num_demonstrations} and the test split")
+                             f"{len(demo_rows)} and the test split")
         plan.append((demo_pos, test_pos))
     return templates, plan
 

@@ -22,17 +22,18 @@ from .masks import row_key_visibility
 _CHUNK_ELEMENTS = 1 << 26
 
 
-def sdpa_broadcasts_kv_heads(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool) -> bool:
+def sdpa_broadcasts_kv_heads(device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool) -> bool:
     """Whether SDPA can read GQA's shared key/value heads itself (enable_gqa) without its O(N²) math kernel.
 
-    On CUDA only the flash kernel takes enable_gqa (fp16/bf16, no attn_mask, head dim <= 256): the memory-efficient
-    kernel, the one that runs fp32 and masked calls, rejects it, and SDPA silently falls back to math, which
-    materialises B·H·N² scores (measured on an H200: 128 GiB asked for at N = 32768, Hq = 32, Hkv = 8, fp32). The
-    CPU kernels take it in every case.
+    On CUDA only the flash kernel takes enable_gqa (sm80 or newer, enabled, fp16/bf16, no attn_mask, head dim <= 256):
+    the memory-efficient kernel, the one that runs fp32 and masked calls, rejects it, and SDPA silently falls back to
+    math, which materialises B·H·N² scores (measured on an H200: 128 GiB asked for at N = 32768, Hq = 32, Hkv = 8,
+    fp32). The CPU kernels take it in every case.
     """
-    if device_type != "cuda":
+    if device.type != "cuda":
         return True
-    return dtype in (torch.float16, torch.bfloat16) and not masked and head_dim <= 256
+    return (dtype in (torch.float16, torch.bfloat16) and not masked and head_dim <= 256
+            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LabelAttentionArgs) -> torch.Tensor:
@@ -44,7 +45,7 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LabelAt
         width = max(value_dim, q.shape[-1])
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     masked = args.key_padding_mask is not None
-    if q.shape[1] != k.shape[1] and not sdpa_broadcasts_kv_heads(q.device.type, q.dtype, q.shape[-1], masked):
+    if q.shape[1] != k.shape[1] and not sdpa_broadcasts_kv_heads(q.device, q.dtype, q.shape[-1], masked):
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # O(B·Hq·N·D), not O(N²)
     if not masked:
