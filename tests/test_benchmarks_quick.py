@@ -115,3 +115,15 @@ def test_isolate_measures_each_point_in_its_own_process_and_reuses_it(tmp_path, 
 
     monkeypatch.setattr(run, "isolated_run", no_process)
     assert run.main(common)["model"] == [row]  # a rerun with the same --name takes the point from the points file
+
+
+def test_model_rows_record_the_backend_of_their_own_shape(monkeypatch):
+    """The backend a model-level row records is resolved on the step's sequence length (one query row of N), not on
+    a one-token probe: the H200 session recorded "triton" for steps that ran "torch" before this."""
+    from abft_kernels.ops.label_attention import backends
+    from benchmarks.model_level import resolved_backend
+
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", {"few rows": ("torch",), "many rows": ("reference",)})
+    choice = resolved_backend(MODEL_METHODS["abft"], "smollm2-135m", 4096, CPU, torch.float32)
+    assert choice["backend"] == "torch" and "few rows (R=1, N=4096)" in choice["backend_reason"]
+    assert resolved_backend(MODEL_METHODS["sdpa"], "smollm2-135m", 4096, CPU, torch.float32)["backend"] is None
