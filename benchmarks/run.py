@@ -45,10 +45,12 @@ PRESETS = {
     # (R = 1 forward + backward, then R = N forward). flex is left out (its compiles take minutes): add it
     # with --methods flex.
     "gpu-headline": dict(
-        levels=["kernel", "model"], dtypes=["bfloat16"], seq_lens=[2048, 8192, 32768], rows=["last", "all"],
+        levels=["kernel", "model"], dtypes=["bfloat16"], seq_lens=[2048, 8192, 32768], rows=["last", "all", "demos"],
         modes=list(MODES), methods=["sdpa", "triton", "cuda", "torch", "sdpa_onehot", "eager"],
         models=["llama-3-8b"], model_seq_lens=[4096, 32768], model_methods=["eager", "sdpa", "abft"],
-        plots=False, priority=[("last", "fwd+bwd"), ("all", "fwd"), ("last", "fwd"), ("all", "fwd+bwd")],
+        # "demos" (R = N/64, a point between auto's two regimes) last: measured when the budget allows.
+        plots=False, priority=[("last", "fwd+bwd"), ("all", "fwd"), ("last", "fwd"), ("all", "fwd+bwd"),
+                               ("demos", "fwd+bwd")],
     ),
 }
 
@@ -59,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tiny shapes, few repetitions, SmolLM2-135M at N=256: a CPU smoke test")
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
                         help="gpu-headline: issue 11's headline sweep (bf16 Llama-3-8B attention, N=2048/8192/32768, "
-                             "rows last and all; Llama-3-8B steps at N=4096/32768), written as headline.json/.md; "
+                             "rows last and all, then demos (R=N/64) fwd+bwd; Llama-3-8B steps at N=4096/32768), written as headline.json/.md; "
                              "options given explicitly override it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")

@@ -67,7 +67,7 @@ def test_rehearsal_runs_the_kernel_tests_and_model_stages_on_cpu(tmp_path):
     results = json.loads((tmp_path / "gpu-headline.json").read_text())
     kernel = {(r["method"], r["rows"], r["mode"]): r["status"] for r in results["kernel"]}
     assert set(kernel) == {(m, rows, mode) for m in run.PRESETS["gpu-headline"]["methods"]
-                           for rows in ("last", "all") for mode in run.MODES}
+                           for rows in ("last", "all", "demos") for mode in run.MODES}
     assert kernel["sdpa", "last", "fwd+bwd"] == "ok" and kernel["triton", "all", "fwd"] == "unavailable"
     assert [(r["method"], r["status"], r["num_layers"]) for r in results["model"]] == [
         ("eager", "ok", 2), ("sdpa", "ok", 2), ("abft", "ok", 2)]
