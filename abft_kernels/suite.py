@@ -385,8 +385,7 @@ def part_mode_connectivity(run: SuiteRun) -> dict:
     changed = [n for n in base if any(not torch.equal(w[n], base[n]) for w in trained.values())]
     deltas = {name: {n: trained[name][n] - base[n] for n in changed} for name in trained}
     scratch, _ = load_model(settings.model, device=run.device, load_in_4bit=settings.load_in_4bit)
-    tensors = {f"{m}.{t}": getattr(module, t) for m, module in scratch.named_modules() for t in ("weight", "bias")
-               if isinstance(getattr(module, t, None), torch.Tensor)}
+    tensors = effective_weights(scratch)  # detached views of its parameters: copy_ writes into the model
     prompts = run.prompts[:settings.connectivity_prompts]
     grid = []
     for lambda_e in lambdas:

@@ -20,8 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops.label_attention import label_attention
-from ..ops.label_attention.sdpa import masked_sdpa
-from ..ops.label_attention.sink_key import drop_sink_position, with_sink_key
+from ..ops.label_attention.sdpa import attention_output
 from ..ops.label_attention.validation import LabelAttentionArgs
 from .label_spec import LabelSpec
 from .model_call import MaskKinds, current_call
@@ -212,13 +211,7 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
             raise ValueError("attn_implementation='abft' supports attention sinks with a 2-D padding mask only")
         if window is None and q_len == kv_len and dropout == 0:
             # The sink as a virtual key (sink_key.py) in front of SDPA: O(B·H·N) memory, no N x N scores.
-            args = LabelAttentionArgs(q=query, k=key, v=value, num_classes=1, query_rows=None, causal=causal,
-                                      key_class=torch.full(query.shape[:1] + query.shape[2:3], -1,
-                                                           device=query.device),
-                                      scale=scale, key_padding_mask=attention_mask, sinks=sinks)
-            with_sink = with_sink_key(args)
-            out = masked_sdpa(with_sink.q, with_sink.k, with_sink.v, with_sink)
-            return drop_sink_position(out).transpose(1, 2).contiguous(), None
+            return _output_only(query, key, value, attention_mask, causal, scale, sinks)
         # A sliding window or cached keys: eager, as the model's own eager attention (O(Nq·Nk) memory).
         mask = _visible_keys(q_len, kv_len, attention_mask, causal, window, query.device)
         return _attention_with_sinks(module, query, key, value, mask, scaling, dropout, sinks)
@@ -230,15 +223,20 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
     if attention_mask is not None and window is None and q_len == kv_len and dropout == 0:
         # A padded batch: label_attention's output path, which builds no [B, 1, N, N] mask and keeps none for
         # backward (O(B·H·N) memory, like the masses' path).
-        args = LabelAttentionArgs(q=query, k=key, v=value, key_class=None, num_classes=1, query_rows=None,
-                                  causal=causal, scale=scale, key_padding_mask=attention_mask)
-        return masked_sdpa(query, key, value, args).transpose(1, 2).contiguous(), None
+        return _output_only(query, key, value, attention_mask, causal, scale)
     if attention_mask is None and window is None and (not causal or q_len in (1, kv_len)):
         mask = None  # SDPA's own causal flag (or no mask at all) is exact here
     else:
         mask = _visible_keys(q_len, kv_len, attention_mask, causal, window, query.device)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                   is_causal=causal and mask is None and q_len > 1)
+
+
+def _output_only(query, key, value, key_padding_mask, causal: bool, scale: float, sinks=None):
+    """label_attention's output path (sdpa.attention_output) on one whole sequence: out [B, N, Hq, Dv], None."""
+    args = LabelAttentionArgs(q=query, k=key, v=value, key_class=None, num_classes=1, query_rows=None, causal=causal,
+                              scale=scale, key_padding_mask=key_padding_mask, sinks=sinks)
+    return attention_output(args).transpose(1, 2).contiguous(), None
 
 
 def _attention_with_sinks(module, query, key, value, visible, scaling, dropout, sinks):

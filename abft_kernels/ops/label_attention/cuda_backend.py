@@ -25,8 +25,7 @@ import torch
 from .extension import cuda_extension_status, extension
 from .validation import LabelAttentionArgs
 from .masks import all_rows
-from .sdpa import masked_sdpa
-from .sink_key import drop_sink_position, with_sink_key
+from .sdpa import attention_output
 
 if extension is None:
     raise ImportError(cuda_extension_status())
@@ -103,11 +102,7 @@ class CUDARowMassFunction(torch.autograd.Function):
 
 
 def label_attention(args: LabelAttentionArgs):
-    if args.sinks is None:
-        out = masked_sdpa(args.q, args.k, args.v, args)
-    else:
-        longer = with_sink_key(args)
-        out = drop_sink_position(masked_sdpa(longer.q, longer.k, longer.v, longer))
+    out = attention_output(args)
     rows = all_rows(args) if args.query_rows is None else args.query_rows
     padding = None if args.key_padding_mask is None else args.key_padding_mask.contiguous()
     kernel_args = dataclasses.replace(args, query_rows=rows.contiguous(), key_class=args.key_class.contiguous(),

@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .validation import LabelAttentionArgs
 from .masks import row_key_visibility
+from .sink_key import drop_sink_position, with_sink_key
 
 # Elements of the largest [B, H, rows, N] block a padded chunk may create.
 _CHUNK_ELEMENTS = 1 << 26
@@ -54,6 +55,15 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LabelAt
     else:
         out = PaddedSDPAFunction.apply(q, k, v, args)
     return out[..., :value_dim]
+
+
+def attention_output(args: LabelAttentionArgs) -> torch.Tensor:
+    """The attention output [B,Hq,N,Dv] of args (no masses): masked_sdpa, with args.sinks as a virtual key
+    (sink_key.py). O(B·H·N) memory with or without padding and sinks."""
+    if args.sinks is None:
+        return masked_sdpa(args.q, args.k, args.v, args)
+    with_sink = with_sink_key(args)
+    return drop_sink_position(masked_sdpa(with_sink.q, with_sink.k, with_sink.v, with_sink))
 
 
 def _row_chunks(q: torch.Tensor):

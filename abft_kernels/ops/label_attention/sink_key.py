@@ -43,7 +43,9 @@ def with_sink_key(args: LabelAttentionArgs) -> LabelAttentionArgs:
     sink_key[..., head_dim:head_dim + SINK_COORDS] = 1
     k_ext = torch.cat([sink_key, torch.nn.functional.pad(k, (0, padded_dim - head_dim))], dim=2)
     v_ext = torch.cat([v.new_zeros(batch, num_kv_heads, 1, v.shape[-1]), v], dim=2)
-    key_class = torch.cat([args.key_class.new_full((batch, 1), -1), args.key_class], dim=1)
+    key_class = args.key_class  # None on the output-only path (no masses)
+    if key_class is not None:
+        key_class = torch.cat([key_class.new_full((batch, 1), -1), key_class], dim=1)
     padding = args.key_padding_mask
     if padding is not None:
         padding = torch.cat([padding.new_ones(batch, 1), padding], dim=1)
