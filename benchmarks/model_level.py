@@ -112,8 +112,10 @@ MODEL_METHODS = {m.name: m for m in (
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, max_seq_len: int,
-                num_layers: Optional[int] = None):
-    """The model of MODEL_CONFIGS[name] with random weights; num_layers (default: all of them) keeps the first ones."""
+                num_layers: Optional[int] = None, checkpointing: bool = False):
+    """The model of MODEL_CONFIGS[name] with random weights; num_layers (default: all of them) keeps the first ones;
+    checkpointing: gradient checkpointing (non-reentrant), which long prompts need where activations, not
+    attention, fill the memory."""
     from transformers import LlamaConfig, LlamaModel
 
     shape = {**MODEL_CONFIGS[name], **({} if num_layers is None else {"num_hidden_layers": num_layers})}
@@ -123,7 +125,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, max_seq_len
         model = LlamaModel._from_config(config, dtype=dtype)
     trainable_qk(model)
     model.train()
-    if device.type == "cuda":  # activation memory, not attention memory, limits long prompts on big models
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -178,12 +180,14 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
                 memory_limit: Optional[float] = None, num_layers: Optional[int] = None,
                 done: Callable[[dict], bool] = lambda row: False,
                 not_run: Callable[[dict], Optional[dict]] = lambda row: None,
-                measure: Optional[Callable[[dict], dict]] = None):
+                measure: Optional[Callable[[dict], dict]] = None, checkpointing: Optional[bool] = None):
     """Yields the result row of every (N, method) on model `name` (see measure_model), with num_layers of its
     layers (default: all). Rows for which done(row) is true are left out; a row for which not_run(row) gives
     a status and reason is yielded with them, unmeasured. measure(row) gives the result fields of a row measured
     elsewhere (benchmarks.run --isolate: in a fresh process); by default the model is built here for the first
-    row measured and measure_model measures it (memory_limit: see there)."""
+    row measured and measure_model measures it (memory_limit: see there). checkpointing: gradient checkpointing
+    (default: on CUDA only, where activations limit long prompts on big models)."""
+    checkpointing = device.type == "cuda" if checkpointing is None else checkpointing
     layers = num_layers or MODEL_CONFIGS[name]["num_hidden_layers"]
     built = None
     for seq_len in seq_lens:
@@ -191,7 +195,7 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
             row = {"level": "model", "model": name, "method": method.name, **resolved_backend(method, name, seq_len, device, dtype),
                    "seq_len": seq_len,
                    "batch": 1, "num_demos": (seq_len - 1) // DEMO_LEN, "num_classes": NUM_CLASSES,
-                   "dtype": str(dtype)[6:], "gradient_checkpointing": device.type == "cuda", "num_layers": layers,
+                   "dtype": str(dtype)[6:], "gradient_checkpointing": checkpointing, "num_layers": layers,
                    "model_num_layers": MODEL_CONFIGS[name]["num_hidden_layers"]}
             if done(row):
                 continue
@@ -203,7 +207,8 @@ def sweep_model(name: str, methods: list, seq_lens: list, device: torch.device, 
                 yield {**row, **measure(row)}
                 continue
             if built is None:
-                built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens), num_layers)}, device)
+                built = guarded(lambda: {"model": build_model(name, device, dtype, max(seq_lens), num_layers,
+                                                                checkpointing)}, device)
             if "model" not in built:
                 yield {**row, "status": built["status"], "reason": "building the model failed: " + built["reason"]}
             else:

@@ -132,10 +132,10 @@ def markdown(results: dict) -> str:
             lines += ["", "Mass relative error:", ""] + _table(rows, mass_methods, "mass_rel_err", ".1e")
         lines.append("")
 
-    models = {}
+    models = {}  # a table per model and checkpointing setting
     for r in results["model"]:
-        models.setdefault(r["model"], []).append(r)
-    for model, rows in models.items():
+        models.setdefault((r["model"], r["gradient_checkpointing"]), []).append(r)
+    for (model, _), rows in models.items():
         methods = _methods_run(rows)
         layers = rows[0].get("num_layers"), rows[0].get("model_num_layers")
         fewer = f", its first {layers[0]} of {layers[1]} layers" if layers[0] != layers[1] else ""

@@ -33,7 +33,7 @@ BUDGET_REASON = "not run: the time budget (--budget-s {:g}) was spent"  # --resu
 ROW_KEYS = {
     "kernel": ("method", "mode", "dtype", "rows", "seq_len", "batch", "heads", "kv_heads", "head_dim",
                "num_classes", "demo_len"),
-    "model": ("model", "method", "seq_len", "batch", "dtype", "num_layers"),
+    "model": ("model", "method", "seq_len", "batch", "dtype", "num_layers", "gradient_checkpointing"),
 }
 
 # Option values that a preset sets where the command line gives none. Order of the runs: `priority`
@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-seq-lens", nargs="+", type=int, default=None, help="default: 512..32768 (quick: 256)")
     parser.add_argument("--model-layers", type=int, default=None,
                         help="keep only the first layers of each model (default: all; the results say so)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="model level: gradient checkpointing of every layer (default: on CUDA only)")
     parser.add_argument("--model-reps", type=int, default=None, help="timed steps per model row (default: 3; quick: 1)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="skip eager attention where its memory estimate exceeds this (default: 90%% of the "
@@ -219,7 +221,7 @@ def model_sweep(args, name: str, seq_lens: list, device: torch.device, **hooks):
     limit = None if args.memory_limit_gib is None else args.memory_limit_gib * 2 ** 30
     methods = [model_level.MODEL_METHODS[m] for m in args.model_methods]
     return model_level.sweep_model(name, methods, seq_lens, device, dtype, args.model_reps, limit, args.model_layers,
-                                   **hooks)
+                                   checkpointing=args.gradient_checkpointing, **hooks)
 
 
 def run_model_level(args, seq_lens: list, device: torch.device, book: Book) -> None:
@@ -266,6 +268,8 @@ def isolated_run(args, row: dict) -> dict:
                           ("--model-layers", args.model_layers)):
         if value is not None:
             command += [option, str(value)]
+    if args.gradient_checkpointing is not None:
+        command.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
     env = dict(os.environ)
     if args.malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)

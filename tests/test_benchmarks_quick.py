@@ -2,6 +2,7 @@
 compared method. No timing assertions (performance lives in benchmarks/, not in tests)."""
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -127,3 +128,30 @@ def test_model_rows_record_the_backend_of_their_own_shape(monkeypatch):
     choice = resolved_backend(MODEL_METHODS["abft"], "smollm2-135m", 4096, CPU, torch.float32)
     assert choice["backend"] == "torch" and "few rows (R=1, N=4096)" in choice["backend_reason"]
     assert resolved_backend(MODEL_METHODS["sdpa"], "smollm2-135m", 4096, CPU, torch.float32)["backend"] is None
+
+
+def test_gradient_checkpointing_option_reaches_the_model_and_the_isolated_point(tmp_path, monkeypatch):
+    """--gradient-checkpointing on CPU (default there: off) checkpoints every layer, so the step saves fewer bytes
+    for backward, the row says so, and an --isolate child is given the same option."""
+    common = ["--levels", "model", "--device", "cpu", "--threads", "1", "--models", "smollm2-135m", "--model-layers",
+              "2", "--model-methods", "sdpa", "abft", "--model-seq-lens", "128", "--model-reps", "1", "--no-plots",
+              "--out", str(tmp_path)]
+    plain = run.main(common + ["--name", "plain"])["model"]
+    checkpointed = run.main(common + ["--name", "ckpt", "--gradient-checkpointing"])["model"]
+    assert [r["gradient_checkpointing"] for r in plain + checkpointed] == [False] * 2 + [True] * 2
+    for before, after in zip(plain, checkpointed):
+        assert after["status"] == "ok" and after["saved_gib"] < before["saved_gib"], (before, after)
+    assert "gradient checkpointing True" in (tmp_path / "ckpt.md").read_text()
+
+    children = []
+    real_run = subprocess.run
+
+    def child(command, **kwargs):
+        if "benchmarks.run" not in command:  # git, for the report's commit
+            return real_run(command, **kwargs)
+        children.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "stopped here")
+
+    monkeypatch.setattr(run.subprocess, "run", child)
+    run.main(common + ["--name", "iso", "--isolate", "--gradient-checkpointing"])
+    assert len(children) == 2 and all("--gradient-checkpointing" in c for c in children)
