@@ -60,6 +60,9 @@ class SuiteSettings(ABFTSettings):
     ood_dataset: Optional[str] = field(default=None, metadata=_help(
         "second task of the ood part (its own default template); default: " +
         ", ".join(f"{a} -> {b}" for a, b in DEFAULT_OOD.items()) + "; other datasets skip the part unless given"))
+    e2e: bool = field(default=True, metadata=_help(
+        "train and evaluate the end-to-end baseline (--no_e2e leaves it out: no E2E column, and the "
+        "mode-connectivity part, which needs it, is skipped)"))
     e2e_lr: Optional[float] = field(default=None, metadata=_help(
         "learning rate of the E2E baseline's LoRA training (default: --lr)"))
     calibration_sets: int = field(default=128, metadata=_help(
@@ -173,6 +176,7 @@ class SuiteRun:
         self.task = load_workflow_task(settings, task_template(settings))
         self.prompts: List[ICLPrompt] = held_out_prompts(self.tokenizer, self.task, settings)[1]
         self.builder = PromptBuilder(self.tokenizer, self.task.template, style=settings.prompt_style)
+        self.trained = ("abft", "e2e") if settings.e2e else ("abft",)  # the models the parts train
 
     def model(self, name: str):
         """The model "vanilla", "abft" or "e2e" (trained now if not yet: a fresh copy of the base model)."""
@@ -227,10 +231,10 @@ def part_table(run: SuiteRun) -> dict:
                                          calibration_prompts(run.builder, run.task, run.settings),
                                          run.builder.label_token_ids, pad, run.settings.batch_size)
     result["calibration"] = asdict(calibration)
-    for name in ("abft", "e2e"):
+    for name in run.trained:
         result[name] = asdict(evaluate(run.model(name), run.prompts, run.builder.label_token_ids, pad,
                                        run.settings.batch_size, desc=name))
-    for name in ("vanilla", "abft", "e2e"):
+    for name in ("vanilla",) + run.trained:
         run.held_out_predictions[name] = result[name]["predictions"]
     return result
 
@@ -248,7 +252,7 @@ def part_ood(run: SuiteRun) -> dict:
     ood_labels = PromptBuilder(run.tokenizer, ood_task.template, style=settings.prompt_style).label_token_ids
     result = {"dataset": settings.dataset, "ood_dataset": ood, "num_prompts": len(run.prompts),
               "num_ood_prompts": len(ood_prompts), "in_domain": {}, "out_of_domain": {}}
-    for name in ("vanilla", "abft", "e2e"):
+    for name in ("vanilla",) + run.trained:
         result["in_domain"][name] = accuracy(run.predictions(name), run.prompts)
         result["out_of_domain"][name] = accuracy(run.read_out(name, ood_prompts, ood_labels), ood_prompts)
     return result
@@ -379,6 +383,8 @@ def part_mode_connectivity(run: SuiteRun) -> dict:
     from .models import load_model
 
     settings = run.settings
+    if not settings.e2e:
+        return {"skipped": "it needs the E2E model (--no_e2e)"}
     lambdas = parse_lambdas(settings.connectivity_lambdas)
     base = effective_weights(run.model("vanilla"))
     trained = {name: effective_weights(run.model(name)) for name in ("abft", "e2e")}
@@ -461,12 +467,10 @@ def format_report(report: dict) -> str:
     rows = []
     table = report.get("table")
     if table:
-        rows.append(("accuracy", [table["vanilla"]["accuracy"], table["calibration"]["accuracy"],
-                                  table["abft"]["accuracy"], table["e2e"]["accuracy"]], "{:.3f}"))
-        rows.append(("counted heads / prompt", [table[m]["mean_counted_heads"] if m != "calibration" else None
-                                                for m in methods], "{:.1f}"))
-        rows.append(("gold-label mass", [table[m]["mean_gold_mass"] if m != "calibration" else None
-                                         for m in methods], "{:.4f}"))
+        rows.append(("accuracy", [table[m]["accuracy"] if m in table else None for m in methods], "{:.3f}"))
+        rows.append(("counted heads / prompt", [table.get(m, {}).get("mean_counted_heads") for m in methods],
+                     "{:.1f}"))
+        rows.append(("gold-label mass", [table.get(m, {}).get("mean_gold_mass") for m in methods], "{:.4f}"))
     ood = report.get("ood")
     if ood and "skipped" not in ood:
         for key, dataset in (("in_domain", ood["dataset"]), ("out_of_domain", ood["ood_dataset"])):
@@ -486,7 +490,7 @@ def format_report(report: dict) -> str:
             rows.append((f"acc. {kind.replace('_', '-')} demos",
                          [unseen["accuracy"].get(m, {}).get(kind) for m in methods], "{:.3f}"))
     connectivity = report.get("mode-connectivity")
-    if connectivity:
+    if connectivity and "skipped" not in connectivity:
         lambdas, grid = connectivity["lambdas"], connectivity["accuracy"]
         best = max((grid[i][j], lambdas[i], lambdas[j]) for i in range(len(lambdas)) for j in range(len(lambdas)))
         extra_lines = [f"mode connectivity ({connectivity['num_prompts']} prompts): best accuracy {best[0]:.3f} at "
@@ -499,7 +503,7 @@ def format_report(report: dict) -> str:
     lines = [title, f"{'':34}" + "".join(f"{m:>13}" for m in methods)]
     for name, values, fmt in rows:
         lines.append(f"{name:34}" + "".join(f"{fmt.format(v) if v is not None else '-':>13}" for v in values))
-    for name in ("ood", "template-consistency"):
+    for name in ("ood", "template-consistency", "mode-connectivity"):
         if "skipped" in (report.get(name) or {}):
             lines.append(f"{name}: skipped ({report[name]['skipped']})")
     lines += extra_lines
@@ -519,7 +523,8 @@ def save_accuracy_bars(path: Path, report: dict) -> Path:
     methods = ("vanilla", "calibration", "abft", "e2e")
     groups = []
     if report.get("table"):
-        groups.append(("held-out accuracy", {m: report["table"][m]["accuracy"] for m in methods}))
+        groups.append(("held-out accuracy", {m: report["table"][m]["accuracy"] for m in methods
+                                             if m in report["table"]}))
     ood = report.get("ood")
     if ood and "skipped" not in ood:
         groups.append((f"OOD ({ood['ood_dataset']})", ood["out_of_domain"]))

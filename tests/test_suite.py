@@ -123,6 +123,25 @@ def test_parts_run_alone_and_train_only_what_they_need(tmp_path):
                                                         report["unseen-label"]["demonstration_labels"]["unseen_label"]))
 
 
+def test_no_e2e_trains_abft_only_and_skips_what_needs_e2e(tmp_path, capsys):
+    """--no_e2e: the table has no E2E column (printed as "-"), nothing trains E2E, mode connectivity says why it
+    was skipped."""
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
+    main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE, "--no_e2e",
+          "--parts", "table,mode-connectivity", "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["training"]) == {"abft"} and "e2e" not in report["table"]
+    assert set(report["table"]) >= {"vanilla", "calibration", "abft"}
+    assert report["mode-connectivity"] == {"skipped": "it needs the E2E model (--no_e2e)"}
+    out = capsys.readouterr().out
+    assert "mode-connectivity: skipped" in out
+    [accuracy_line] = [line for line in out.splitlines() if line.startswith("accuracy")]
+    assert accuracy_line.split()[-1] == "-"
+
+
 def test_unseen_label_prompts_never_show_the_gold_label():
     tokenizer = tiny_tokenizer()
     builder = PromptBuilder(tokenizer, Template("review: ", "sentiment:", ("negative", "neutral", "positive")))
