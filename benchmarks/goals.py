@@ -1,4 +1,5 @@
-"""Issue 11's performance goals, read off the results of `python -m benchmarks.run` (its JSON as a dict).
+"""Issue 11's (GPU) and issue 13's (CPU, long context) performance goals, read off the results of
+`python -m benchmarks.run` (its JSON as a dict).
 
 Each goal comes back met, missed or not measured, with the numbers it was decided on, per sequence length:
   1. R = 1 (ABFT's query row), forward + backward: the fastest of our backends (torch, triton, cuda) within
@@ -8,6 +9,11 @@ Each goal comes back met, missed or not measured, with the numbers it was decide
   4. model step: abft's peak memory within 10% of plain SDPA training (no masses);
   5. at N = 4096, abft's peak memory at least 10x below eager attention's (output_attentions);
   6. at N = 32768, abft runs where eager attention cannot.
+Issue 13, the model step on CPU, each --isolate point in its own process (long_context_goals):
+  7. abft's peak resident memory within 10% of plain SDPA training's at every N;
+  8. abft's step time within 15% of plain SDPA training's at N >= 2048.
+Rows are paired on (model, N, gradient checkpointing). `python -m benchmarks.goals RESULTS.json ...` prints issue
+13's goals over the model rows of several runs (a row of a later file replaces the same point of an earlier one).
 A goal is "met" when it holds at every N measured and every N was measured, "met where measured" when some
 N lack a number, "missed" when it fails at some N, "not measured" when no N has the numbers.
 """
@@ -181,6 +187,72 @@ def evaluate(results: dict) -> list:
             model_peak_vs_sdpa(model), model_vs_eager_4096(model), model_runs_where_eager_cannot(model)]
 
 
+def _pairs(model: list):
+    """(N, checkpointing, abft row, sdpa row) of every point of the model rows (see _model_rows) that has either."""
+    rows, label = _model_rows(model)
+    points = sorted({(r["seq_len"], bool(r.get("gradient_checkpointing"))) for r in rows})
+    return label, [(n, ckpt, _find(rows, "abft", seq_len=n, gradient_checkpointing=ckpt),
+                    _find(rows, "sdpa", seq_len=n, gradient_checkpointing=ckpt)) for n, ckpt in points]
+
+
+def _point(n: int, checkpointing: bool) -> str:
+    return f"{n}, checkpointed" if checkpointing else str(n)
+
+
+def model_rss_vs_sdpa(model: list) -> dict:
+    label, pairs = _pairs(model)
+    checks = []
+    for n, ckpt, abft, sdpa in pairs:
+        if not (_ok(abft) and _ok(sdpa)) or abft.get("peak_rss_gib") is None or sdpa.get("peak_rss_gib") is None:
+            checks.append((_point(n, ckpt), None, "; ".join(_why_not(r, m) for r, m in ((abft, "abft"), (sdpa, "sdpa"))
+                                                            if not _ok(r)) or "peak RSS not measured (--isolate)"))
+            continue
+        ratio = abft["peak_rss_gib"] / sdpa["peak_rss_gib"]
+        checks.append((_point(n, ckpt), ratio <= 1.10, f"abft {abft['peak_rss_gib']:.3g} GiB vs sdpa "
+                                                       f"{sdpa['peak_rss_gib']:.3g} GiB = {ratio:.3f}x (goal <= 1.10x)"))
+    return _verdict(f"model step ({label}): abft peak resident memory within 10% of plain SDPA training", checks)
+
+
+def model_time_vs_sdpa(model: list, min_seq_len: int = 2048) -> dict:
+    label, pairs = _pairs(model)
+    checks = []
+    for n, ckpt, abft, sdpa in pairs:
+        if n < min_seq_len:
+            continue
+        if not (_ok(abft) and _ok(sdpa)):
+            checks.append((_point(n, ckpt), None, "; ".join(_why_not(r, m) for r, m in ((abft, "abft"), (sdpa, "sdpa"))
+                                                            if not _ok(r))))
+            continue
+        ratio = abft["median_ms"] / sdpa["median_ms"]
+        loads = ", ".join(f"{r.get('load_average_1min')}" for r in (abft, sdpa))
+        checks.append((_point(n, ckpt), ratio <= 1.15, f"abft {abft['median_ms'] / 1e3:.4g} s vs sdpa "
+                                                       f"{sdpa['median_ms'] / 1e3:.4g} s = {ratio:.3f}x (goal <= 1.15x; "
+                                                       f"load average after the steps {loads})"))
+    return _verdict(f"model step ({label}): abft time within 15% of plain SDPA training at N >= {min_seq_len}",
+                    checks)
+
+
+def long_context_goals(results: dict) -> list:
+    """The goals of issue 13 (7 and 8 above), each {"goal", "status", "details"}."""
+    model = results.get("model", [])
+    return [model_rss_vs_sdpa(model), model_time_vs_sdpa(model)]
+
+
+def merged_model_rows(paths) -> list:
+    """The model rows of several result files; a later file's row replaces the same point of an earlier file."""
+    import json
+
+    rows = {}
+    for path in paths:
+        for r in json.loads(open(path).read()).get("model", []):
+            layers = r.get("num_layers")  # None in older files: all of them
+            every_layer = layers is None or layers == r.get("model_num_layers")
+            key = (r["model"], r["method"], r["seq_len"], r.get("batch"), r.get("dtype"),
+                   "all" if every_layer else layers, bool(r.get("gradient_checkpointing")))
+            rows[key] = r
+    return list(rows.values())
+
+
 def markdown(goals: list) -> str:
     lines = ["| goal | status | numbers |", "|---|---|---|"]
     for g in goals:
@@ -195,3 +267,11 @@ def text(goals: list) -> str:
         lines.append(f"{g['status'].upper():<20} {g['goal']}")
         lines += [f"{'':<20}   {d}" for d in g["details"]]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m benchmarks.goals RESULTS.json [RESULTS.json ...]")
+    print(markdown(long_context_goals({"model": merged_model_rows(sys.argv[1:])})))

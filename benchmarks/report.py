@@ -207,11 +207,17 @@ def plot(results: dict, out_dir: Path, prefix: str) -> list:
 
 
 def _plot_lines(ax, rows: list, key: str, label: str, title: str) -> None:
+    """One line per method; model-level rows with and without gradient checkpointing (different memory) are drawn as
+    separate lines, the checkpointed one dashed."""
+    settings = dict.fromkeys(r.get("gradient_checkpointing") for r in rows)
     for method in _methods_run(rows):
-        points = sorted((r["seq_len"], r[key]) for r in rows
-                        if r["method"] == method and r["status"] == "ok" and r.get(key) is not None)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=method)
+        for checkpointing in settings:
+            points = sorted((r["seq_len"], r[key]) for r in rows
+                            if r["method"] == method and r.get("gradient_checkpointing") == checkpointing
+                            and r["status"] == "ok" and r.get(key) is not None)
+            if points:
+                name = f"{method}, checkpointed" if checkpointing and len(settings) > 1 else method
+                ax.plot(*zip(*points), marker="o", linestyle="--" if checkpointing else "-", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N")

@@ -143,6 +143,31 @@ def test_goals_met_missed_and_not_measured():
     assert [g["status"] for g in goals.evaluate({})] == ["not measured"] * 6
 
 
+def test_long_context_goals_pair_points_by_checkpointing_and_merge_files(tmp_path):
+    """Issue 13's CPU goals: peak RSS within 10% at every N, time within 15% from N=2048, rows paired on (N,
+    checkpointing); a later results file replaces the same point of an earlier one (older rows lack num_layers)."""
+    def row(method, n, rss, ms, checkpointing=False, **extra):
+        return {"model": "smollm2-135m", "method": method, "seq_len": n, "batch": 1, "dtype": "float32",
+                "status": "ok", "peak_rss_gib": rss, "median_ms": ms, "gradient_checkpointing": checkpointing,
+                "num_layers": 30, "model_num_layers": 30, "load_average_1min": 1.0, **extra}
+
+    old = [row("sdpa", 1024, 2.0, 10.0, num_layers=None), row("abft", 1024, 2.5, 10.0, num_layers=None),
+           row("sdpa", 2048, 3.0, 20.0), row("abft", 2048, 3.1, 25.0)]
+    new = [row("abft", 1024, 2.1, 10.0), row("sdpa", 2048, 3.0, 20.0), row("abft", 2048, 3.1, 22.0),
+           row("sdpa", 16384, 5.0, 100.0, True), row("abft", 16384, 5.2, 110.0, True),
+           row("abft", 16384, 20.0, 99.0)]  # no sdpa without checkpointing to pair it with: not measured
+    for name, rows in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"model": rows}))
+    paths = [tmp_path / "old.json", tmp_path / "new.json"]
+    assert [g["status"] for g in goals.long_context_goals({"model": goals.merged_model_rows(paths[:1])})] == [
+        "missed", "missed"]  # 1.25x RSS at 1024, 1.25x time at 2048
+    rss, time_goal = goals.long_context_goals({"model": goals.merged_model_rows(paths)})
+    assert rss["status"] == "met where measured" and time_goal["status"] == "met where measured"
+    assert any(d.startswith("N=16384, checkpointed: abft 5.2 GiB vs sdpa 5 GiB") for d in rss["details"])
+    assert not any(d.startswith("N=1024") for d in time_goal["details"])
+    subprocess.run([sys.executable, "-m", "benchmarks.goals", *map(str, paths)], cwd=ROOT, check=True)
+
+
 def test_runner_time_budget_and_resume(tmp_path):
     common = ["--quick", "--device", "cpu", "--threads", "1", "--levels", "kernel", "--methods", "sdpa",
               "--rows", "last", "--modes", "fwd", "--seq-lens", "128", "--no-plots", "--out", str(tmp_path)]
