@@ -111,6 +111,8 @@ def markdown(results: dict) -> str:
         lines += [f"Command: `{results['command']}`", ""]
     lines += ["| " + " | ".join(env) + " |", "|---" * len(env) + "|",
               "| " + " | ".join(str(v) for v in env.values()) + " |", ""]
+    if results.get("note"):  # written by hand into the JSON, e.g. where a file's points came from
+        lines += [f"Note: {results['note']}", ""]
     lines += ["Conventions:", ""] + [f"* {k}: {v}" for k, v in results["conventions"].items()] + [""]
     lines += ["Methods:", ""] + [f"* `{name}`: {m['description']}" for name, m in results["methods"].items()] + [""]
     reasons = {(r["method"], r["reason"]) for r in results["kernel"] if r["status"] == "unavailable"}
@@ -210,14 +212,15 @@ def _plot_lines(ax, rows: list, key: str, label: str, title: str) -> None:
     """One line per method; model-level rows with and without gradient checkpointing (different memory) are drawn as
     separate lines, the checkpointed one dashed."""
     settings = dict.fromkeys(r.get("gradient_checkpointing") for r in rows)
-    for method in _methods_run(rows):
+    for color, method in enumerate(_methods_run(rows)):
         for checkpointing in settings:
             points = sorted((r["seq_len"], r[key]) for r in rows
                             if r["method"] == method and r.get("gradient_checkpointing") == checkpointing
                             and r["status"] == "ok" and r.get(key) is not None)
             if points:
                 name = f"{method}, checkpointed" if checkpointing and len(settings) > 1 else method
-                ax.plot(*zip(*points), marker="o", linestyle="--" if checkpointing else "-", label=name)
+                ax.plot(*zip(*points), marker="s" if checkpointing else "o", linestyle="--" if checkpointing else "-",
+                        color=f"C{color}", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N")
