@@ -195,6 +195,11 @@ def _pairs(model: list):
                     _find(rows, "sdpa", seq_len=n, gradient_checkpointing=ckpt)) for n, ckpt in points]
 
 
+def _pair_missing(abft: Optional[dict], sdpa: Optional[dict]) -> Optional[str]:
+    """Why the abft and sdpa rows of one point cannot be compared, or None."""
+    return "; ".join(_why_not(r, m) for r, m in ((abft, "abft"), (sdpa, "sdpa")) if not _ok(r)) or None
+
+
 def _point(n: int, checkpointing: bool) -> str:
     return f"{n}, checkpointed" if checkpointing else str(n)
 
@@ -203,9 +208,11 @@ def model_rss_vs_sdpa(model: list) -> dict:
     label, pairs = _pairs(model)
     checks = []
     for n, ckpt, abft, sdpa in pairs:
-        if not (_ok(abft) and _ok(sdpa)) or abft.get("peak_rss_gib") is None or sdpa.get("peak_rss_gib") is None:
-            checks.append((_point(n, ckpt), None, "; ".join(_why_not(r, m) for r, m in ((abft, "abft"), (sdpa, "sdpa"))
-                                                            if not _ok(r)) or "peak RSS not measured (--isolate)"))
+        missing = _pair_missing(abft, sdpa)
+        if not missing and (abft.get("peak_rss_gib") is None or sdpa.get("peak_rss_gib") is None):
+            missing = "peak RSS not measured (--isolate)"
+        if missing:
+            checks.append((_point(n, ckpt), None, missing))
             continue
         ratio = abft["peak_rss_gib"] / sdpa["peak_rss_gib"]
         checks.append((_point(n, ckpt), ratio <= 1.10, f"abft {abft['peak_rss_gib']:.3g} GiB vs sdpa "
@@ -219,9 +226,9 @@ def model_time_vs_sdpa(model: list, min_seq_len: int = 2048) -> dict:
     for n, ckpt, abft, sdpa in pairs:
         if n < min_seq_len:
             continue
-        if not (_ok(abft) and _ok(sdpa)):
-            checks.append((_point(n, ckpt), None, "; ".join(_why_not(r, m) for r, m in ((abft, "abft"), (sdpa, "sdpa"))
-                                                            if not _ok(r))))
+        missing = _pair_missing(abft, sdpa)
+        if missing:
+            checks.append((_point(n, ckpt), None, missing))
             continue
         ratio = abft["median_ms"] / sdpa["median_ms"]
         loads = ", ".join(f"{r.get('load_average_1min')}" for r in (abft, sdpa))
@@ -241,15 +248,18 @@ def long_context_goals(results: dict) -> list:
 def merged_model_rows(paths) -> list:
     """The model rows of several result files; a later file's row replaces the same point of an earlier file."""
     import json
+    from pathlib import Path
+
+    from .run import ROW_KEYS
 
     rows = {}
     for path in paths:
-        for r in json.loads(open(path).read()).get("model", []):
-            layers = r.get("num_layers")  # None in older files: all of them
-            every_layer = layers is None or layers == r.get("model_num_layers")
-            key = (r["model"], r["method"], r["seq_len"], r.get("batch"), r.get("dtype"),
-                   "all" if every_layer else layers, bool(r.get("gradient_checkpointing")))
-            rows[key] = r
+        for r in json.loads(Path(path).read_text()).get("model", []):
+            # num_layers None: every layer (older files give no model_num_layers); checkpointing None: off.
+            every_layer = r.get("num_layers") in (None, r.get("model_num_layers"))
+            point = {**r, "num_layers": None if every_layer else r["num_layers"],
+                     "gradient_checkpointing": bool(r.get("gradient_checkpointing"))}
+            rows[tuple(point.get(k) for k in ROW_KEYS["model"])] = r
     return list(rows.values())
 
 
