@@ -422,9 +422,10 @@ def save_connectivity_contour(path: Path, result: dict, settings) -> Path:
     figure, ax = plt.subplots(figsize=(4.6, 3.8))
     contours = ax.contourf(lambdas, lambdas, accuracy_grid, levels=12, cmap="viridis")
     figure.colorbar(contours, ax=ax, label="accuracy")
-    for (x, y), name in (((0, 0), "base"), ((1, 0), "ABFT"), ((0, 1), "E2E")):
-        ax.plot(x, y, "w.")
-        ax.annotate(name, (x, y), color="white", xytext=(3, 3), textcoords="offset points")
+    for (x, y), name in (((0, 0), "base"), ((1, 0), "ABFT"), ((0, 1), "E2E")):  # labels inward from the corner
+        ax.plot(x, y, "w.", clip_on=False)
+        ax.annotate(name, (x, y), color="white", xytext=(-3 if x else 3, -3 if y else 3), textcoords="offset points",
+                    ha="right" if x else "left", va="top" if y else "bottom")
     ax.set_xlabel("lambda_A (ABFT direction)")
     ax.set_ylabel("lambda_E (E2E direction)")
     return _save_figure(figure, path, f"mode connectivity, {result['num_prompts']} prompts of {settings.dataset}")
