@@ -439,7 +439,10 @@ PARTS: Dict[str, Callable[[SuiteRun], dict]] = {
 
 def run_parts(settings: SuiteSettings, output_dir: Path, device: torch.device) -> dict:
     """Run the parts of `settings.parts` in order; returns the report (settings, one section per part, training
-    logs, seconds per part)."""
+    logs, seconds per part). output_dir/report.json is rewritten after every part, so a run stopped midway keeps
+    the parts it finished (its seconds have no "total" yet)."""
+    from .evaluation import save_report
+
     parts = parse_parts(settings.parts)
     if "mode-connectivity" in parts:
         parse_lambdas(settings.connectivity_lambdas)  # before any training
@@ -456,7 +459,8 @@ def run_parts(settings: SuiteSettings, output_dir: Path, device: torch.device) -
         part_start = time.perf_counter()
         report[name] = PARTS[name](run)
         report["seconds"][name] = time.perf_counter() - part_start
-    report["training"] = run.training
+        report["training"] = run.training
+        save_report(output_dir / "report.json", **report)
     report["seconds"]["total"] = time.perf_counter() - start
     return report
 
@@ -573,7 +577,7 @@ def run_suite(args: argparse.Namespace) -> dict:
     device = setup_device(args.device, args.threads)
     out = Path(args.output_dir)
     report = run_parts(settings, out, device)
-    save_report(out / "report.json", **report)
+    save_report(out / "report.json", **report)  # with the total time
     save_accuracy_bars(out / "accuracy.png", report)
     print("\n" + format_report(report) + f"\n\nreport: {out / 'report.json'}  plot: {out / 'accuracy.png'}")
     return report

@@ -123,6 +123,26 @@ def test_parts_run_alone_and_train_only_what_they_need(tmp_path):
                                                         report["unseen-label"]["demonstration_labels"]["unseen_label"]))
 
 
+def test_report_keeps_the_parts_finished_before_an_interrupt(tmp_path, monkeypatch):
+    """report.json is written after every part: a run stopped in its second part keeps the first."""
+    from abft_kernels import suite
+
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
+
+    def interrupted(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(suite.PARTS, "unseen-label", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE,
+              "--parts", "ood,unseen-label", "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "skipped" in report["ood"] and "unseen-label" not in report and "total" not in report["seconds"]
+
+
 def test_no_e2e_trains_abft_only_and_skips_what_needs_e2e(tmp_path, capsys):
     """--no_e2e: the table has no E2E column (printed as "-"), nothing trains E2E, mode connectivity says why it
     was skipped."""
