@@ -439,8 +439,8 @@ PARTS: Dict[str, Callable[[SuiteRun], dict]] = {
 
 def run_parts(settings: SuiteSettings, output_dir: Path, device: torch.device) -> dict:
     """Run the parts of `settings.parts` in order; returns the report (settings, one section per part, training
-    logs, seconds per part). output_dir/report.json is rewritten after every part, so a run stopped midway keeps
-    the parts it finished (its seconds have no "total" yet)."""
+    logs, seconds per part), written to output_dir/report.json after every part, so a run stopped midway keeps
+    the parts it finished (its seconds have no "total" yet), and once more with the total time."""
     from .evaluation import save_report
 
     parts = parse_parts(settings.parts)
@@ -462,6 +462,7 @@ def run_parts(settings: SuiteSettings, output_dir: Path, device: torch.device) -
         report["training"] = run.training
         save_report(output_dir / "report.json", **report)
     report["seconds"]["total"] = time.perf_counter() - start
+    save_report(output_dir / "report.json", **report)
     return report
 
 
@@ -570,14 +571,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_suite(args: argparse.Namespace) -> dict:
     """`abft suite`: the parts, a console table, report.json and accuracy.png in --output-dir; returns the report."""
-    from .evaluation import save_report
-
     settings = replace(SUITE_QUICK if args.quick else SUITE, **given_settings(args, SuiteSettings))
     parse_parts(settings.parts)  # before loading anything
     device = setup_device(args.device, args.threads)
     out = Path(args.output_dir)
     report = run_parts(settings, out, device)
-    save_report(out / "report.json", **report)  # with the total time
     save_accuracy_bars(out / "accuracy.png", report)
     print("\n" + format_report(report) + f"\n\nreport: {out / 'report.json'}  plot: {out / 'accuracy.png'}")
     return report

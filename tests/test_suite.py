@@ -32,6 +32,14 @@ def counting_llama(vocab_size: int):
     return LlamaForCausalLM(config).eval()
 
 
+def save_counting_llama(directory):
+    """counting_llama with the offline tiny tokenizer, saved to `directory` for --model; returns the tokenizer."""
+    tokenizer = tiny_tokenizer()
+    counting_llama(len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
 def write_task(path, words, rows=48):
     """A CSV task whose string labels are `words` (the label is the class's word among the text's words)."""
     rng = random.Random(len(words))
@@ -51,9 +59,7 @@ SIZE = ["--k", "2", "--eval-prompts", "8", "--steps", "2", "--prompts-per-step",
 
 
 def test_suite_end_to_end(tmp_path, capsys):
-    tokenizer = tiny_tokenizer()
-    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer = save_counting_llama(tmp_path / "model")
     task = write_task(tmp_path / "sentiment.csv", ["negative", "neutral", "positive"])
     ood = write_task(tmp_path / "quality.csv", ["bad", "good"])
     options = ["--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE]
@@ -109,9 +115,7 @@ def test_suite_end_to_end(tmp_path, capsys):
 def test_parts_run_alone_and_train_only_what_they_need(tmp_path):
     """--parts ood,unseen-label on a dataset without a default second task: ood is skipped (said in the report),
     and unseen-label trains ABFT only (E2E is compared only when an earlier part trained it)."""
-    tokenizer = tiny_tokenizer()
-    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer = save_counting_llama(tmp_path / "model")
     task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
     main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE, "--parts", "unseen-label,ood",
           "--output-dir", str(tmp_path / "out")])
@@ -127,9 +131,7 @@ def test_report_keeps_the_parts_finished_before_an_interrupt(tmp_path, monkeypat
     """report.json is written after every part: a run stopped in its second part keeps the first."""
     from abft_kernels import suite
 
-    tokenizer = tiny_tokenizer()
-    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer = save_counting_llama(tmp_path / "model")
     task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
 
     def interrupted(run):
@@ -146,9 +148,7 @@ def test_report_keeps_the_parts_finished_before_an_interrupt(tmp_path, monkeypat
 def test_no_e2e_trains_abft_only_and_skips_what_needs_e2e(tmp_path, capsys):
     """--no_e2e: the table has no E2E column (printed as "-"), nothing trains E2E, mode connectivity says why it
     was skipped."""
-    tokenizer = tiny_tokenizer()
-    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer = save_counting_llama(tmp_path / "model")
     task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
     main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE, "--no_e2e",
           "--parts", "table,mode-connectivity", "--output-dir", str(tmp_path / "out")])
@@ -195,9 +195,7 @@ def test_template_consistency_follows_staicc_diag(tmp_path):
     from test_staicc import LABELS, OTHER_TEMPLATE, TEMPLATE, make_root
     from tiny_icl import write_staicc_diag
 
-    tokenizer = tiny_tokenizer()
-    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer = save_counting_llama(tmp_path / "model")
     root = make_root(tmp_path)
     third = {**OTHER_TEMPLATE, "instruction": "Label the film. ", "label_affix": "\n"}
     write_staicc_diag(root, "tiny_set", [TEMPLATE, OTHER_TEMPLATE, third], LABELS, test=[4, 2, 10, 6],
@@ -222,9 +220,7 @@ def test_template_consistency_follows_staicc_diag(tmp_path):
 def test_mode_connectivity_grid_corners_are_the_three_models(tmp_path):
     """The grid point (0, 0) is the base model, (lambda_E, lambda_A) = (0, 1) the ABFT-trained and (1, 0) the
     E2E-trained model (its LoRA adapters merged): their accuracies equal the table's on the same prompts."""
-    tokenizer = tiny_tokenizer()
-    counting_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer = save_counting_llama(tmp_path / "model")
     task = write_task(tmp_path / "sentiment.csv", ["negative", "neutral", "positive"], rows=96)
     main(["suite", "--model", str(tmp_path / "model"), "--dataset", str(task), *SIZE, "--eval-prompts", "24",
           "--parts", "table,mode-connectivity", "--connectivity-lambdas=-0.5,0,1", "--connectivity-prompts", "24",
