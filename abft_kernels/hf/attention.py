@@ -78,7 +78,7 @@ def _read_mask_function(mask_function: Callable, kv_length: int, kinds: MaskKind
     free = _free_variables(mask_function)
     if mask_function is mu.causal_mask_function:
         kinds.causal_windows.add(window)
-    elif mask_function is mu.bidirectional_mask_function:
+    elif mask_function is getattr(mu, "bidirectional_mask_function", None):  # not in transformers 4.57
         kinds.bidirectional = True
     elif name.startswith("and_masks.") and "mask_functions" in free:
         windows = [_free_variables(f)["sliding_window"] for f in free["mask_functions"]

@@ -192,12 +192,40 @@ def _is_mask(node) -> bool:
     return isinstance(node, ast.Name) and node.id == "attention_mask"
 
 
+def _falcon_layout(attention_class: type) -> str:
+    """Which FalconAttention this transformers has: "interface" (5.25+: its forward calls the attention
+    interface with the keywords it is given, only its decoder layer drops them), "own" (5.0-5.24: its forward
+    computes attention itself, with `alibi` as second argument and `_split_heads`), or "unknown"."""
+    try:
+        parameters = list(inspect.signature(attention_class.forward).parameters)
+    except (TypeError, ValueError):
+        return "unknown"
+    if _USES_INTERFACE in _source(attention_class.forward) and "alibi" not in parameters and "kwargs" in parameters:
+        return "interface"
+    if parameters[1:3] == ["hidden_states", "alibi"] and hasattr(attention_class, "_split_heads"):
+        return "own"
+    return "unknown"
+
+
 def _patch_falcon(model) -> None:
+    """Let the spec reach Falcon's attention: it rides in the rotary position embeddings, the one argument that
+    Falcon's decoder layers pass on (and that gradient checkpointing saves for the recompute). Each attention
+    module takes it out again: a forward pre-hook turns it into the `abft=` keyword where the attention calls
+    the interface itself (transformers 5.25+), a replaced forward calls the interface where it does not."""
     base = model.base_model
     if getattr(base, "_abft_falcon_patched", False):
         return
-    for layer in base.h:
-        layer.self_attention.forward = types.MethodType(_falcon_attention_forward, layer.self_attention)
+    attentions = [layer.self_attention for layer in base.h]
+    layout = _falcon_layout(type(attentions[0]))
+    if layout == "unknown":
+        raise ValueError(f"attn_implementation='abft' does not know the layout of {type(attentions[0]).__name__} in "
+                         "this transformers version (neither the 5.0-5.24 one nor the 5.25 one): its forward is not "
+                         "replaced or hooked blindly; use attn_implementation='eager'")
+    for attention in attentions:
+        if layout == "interface":
+            attention.register_forward_pre_hook(_spec_from_position_embeddings, with_kwargs=True)
+        else:
+            attention.forward = types.MethodType(_falcon_attention_forward, attention)
     base.rotary_emb.register_forward_hook(_add_spec_to_position_embeddings)
     base._abft_falcon_patched = True
 
@@ -209,10 +237,22 @@ def _add_spec_to_position_embeddings(module, args, output):
     return None
 
 
+def _spec_from_position_embeddings(module, args, kwargs):
+    """Forward pre-hook of a FalconAttention that calls the interface itself: (cos, sin, spec) -> (cos, sin) and
+    abft=spec."""
+    position_embeddings = kwargs.get("position_embeddings")
+    if position_embeddings is None or len(position_embeddings) != 3:
+        return None
+    *kwargs["position_embeddings"], kwargs["abft"] = position_embeddings
+    kwargs["position_embeddings"] = tuple(kwargs["position_embeddings"])
+    return args, kwargs
+
+
 def _falcon_attention_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
                               use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
-    """FalconAttention.forward (rotary path) through the attention function of the config's implementation
-    ("abft", or the probe of trainable_qk); FalconAttention's own forward for any other implementation.
+    """FalconAttention.forward of transformers 5.0-5.24 (rotary path) through the attention function of the
+    config's implementation ("abft", or the probe of trainable_qk); FalconAttention's own forward for any other
+    implementation.
 
     position_embeddings is (cos, sin) or (cos, sin, spec).
     """
