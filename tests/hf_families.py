@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import importlib
 import os
+import inspect
 import re
 import traceback
 from pathlib import Path
@@ -48,6 +49,7 @@ _SIZES = [  # (attribute names as a regular expression matched in full, tiny val
 ]
 _KV_HEADS = re.compile(r"num_key_value_heads|num_kv_heads|n_kv_heads|multi_query_group_num|num_query_groups|"
                        r"swa_num_key_value_heads")
+_GENERATION_KEYS = set(transformers.GenerationConfig().to_dict())
 _LAYER_COUNT = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 _NOT_ATTENTION = re.compile(r"linear|mamba|recurrent|conv|mlp|moe|dense|sparse|ssm|rwkv")
 # Default configs that do not build as they are, and the smallest change that makes them build.
@@ -97,7 +99,10 @@ def _is_attention_entry(entry) -> bool:
 def _tiny_kwargs(config) -> dict:
     defaults = config.to_dict()
     kwargs = {}
+    own = inspect.signature(type(config).__init__).parameters
     for name, value in defaults.items():
+        if name in _GENERATION_KEYS and name not in own:  # transformers 4.x: generation defaults on every config
+            continue
         sub = getattr(config, name, None) if name in getattr(config, "sub_configs", {}) else None
         if sub is not None and isinstance(value, dict):
             kwargs[name] = {**value, **_tiny_kwargs(sub)}

@@ -134,7 +134,8 @@ def count_label_attention_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", pytest.param("falcon", marks=needs_transformers_5)])
+@pytest.mark.parametrize("family", ["llama", "gpt2", pytest.param("falcon", marks=needs_transformers_5),
+                                    pytest.param("stablelm_qk_norm", marks=needs_transformers_5)])
 def test_gradient_checkpointing_recompute_sees_labels(family, monkeypatch):
     no_dropout = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0) if family == "gpt2" else {}
     eager = tiny_model(family, **no_dropout)
@@ -193,7 +194,8 @@ FUSED = [  # (family, overrides, value features per layer of the fused projectio
     pytest.param("falcon_gqa", {}, 16, marks=needs_transformers_5),  # 2 kv heads
     ("gpt_bigcode", dict(multi_query=False), 64),  # per head [q | k | v] (hidden 64 in hf_families)
     ("gpt_bigcode", dict(multi_query=True), 16),  # [q (E) | k (d) | v (d)]
-    ("codegen", {}, 64),  # qkv_proj in mp_num blocks of [q | v | k]
+    pytest.param("codegen", {}, 64, marks=pytest.mark.skipif(  # qkv_proj in mp_num blocks of [q | v | k]
+        TRANSFORMERS_4, reason="transformers 4.57's CodeGen computes its own attention: refused (family matrix)")),
 ]
 
 

@@ -13,9 +13,10 @@ What it does:
 * refuses, with a ValueError naming the model type and why, models whose attention does not go through
   transformers' AttentionInterface (their own attention code would ignore the "abft" function and the 2-D
   mask it is given: e.g. Bloom's ALiBi attention, or state-space models without attention layers);
-* Falcon (whose attention does not use the interface either): replaces each attention module's forward by
-  one that calls the attention function of the config's implementation (the spec rides in the rotary position
-  embeddings, as Falcon's decoder layers pass no extra keywords); transformers 5 and rotary Falcon only;
+* Falcon, StableLM and Nemotron, whose decoder layers drop the call's keywords on their way to the attention:
+  the spec rides in the rotary position embeddings and a pre-hook of each attention module turns it back into
+  the `abft=` keyword (Falcon before transformers 5.25, whose attention does not use the interface, gets a
+  forward that does); rotary Falcon on transformers 5 only;
 * installs the model call hooks of model_call.py (spec passed on, checks once per call, a spec that reached no
   attention layer or lost its gradient is an error).
 
@@ -75,7 +76,8 @@ def prepare_abft_class(model_class: type) -> None:
     module = sys.modules.get(model_class.__module__)
     model_type = getattr(model_class.config_class, "model_type", model_class.__name__)
     for name, table in list(vars(module).items()) if module is not None else []:
-        if not (name.endswith("_ATTENTION_CLASSES") and isinstance(table, dict)) or ATTN_IMPLEMENTATION in table:
+        is_table = (name == "ATTENTION_CLASSES" or name.endswith("_ATTENTION_CLASSES")) and isinstance(table, dict)
+        if not is_table or ATTN_IMPLEMENTATION in table:
             continue
         if model_type == "falcon":
             table[ATTN_IMPLEMENTATION] = table["eager"]
@@ -90,8 +92,8 @@ def prepare_abft_model(model) -> None:
     """Make `model` (a PreTrainedModel whose config has, or is about to get, attn_implementation="abft")
     ready for it, or raise ValueError saying why it cannot be. Idempotent."""
     refuse_unsupported_model(model)
-    if model.config.model_type == "falcon":
-        _patch_falcon(model)
+    if model.config.model_type in _SPEC_IN_POSITION_EMBEDDINGS:
+        _carry_spec_in_position_embeddings(model)
     if not getattr(model, "_abft_hooks", False):
         model.register_forward_pre_hook(enter_call, with_kwargs=True)
         model.register_forward_hook(leave_call, always_call=True)
@@ -192,42 +194,56 @@ def _is_mask(node) -> bool:
     return isinstance(node, ast.Name) and node.id == "attention_mask"
 
 
-def _falcon_layout(attention_class: type) -> str:
-    """Which FalconAttention this transformers has: "interface" (5.25+: its forward calls the attention
-    interface with the keywords it is given, only its decoder layer drops them), "own" (5.0-5.24: its forward
-    computes attention itself, with `alibi` as second argument and `_split_heads`), or "unknown"."""
+# Families whose decoder layers call their attention without the keywords of the model call (so `abft=` never
+# arrives) but with the rotary position embeddings: the spec rides in those. Model type -> the attention
+# module's attribute name in each decoder layer.
+_SPEC_IN_POSITION_EMBEDDINGS = {"falcon": "self_attention", "stablelm": "self_attn", "nemotron": "self_attn"}
+
+
+def _attention_layout(attention_class: type) -> str:
+    """How an attention class of a _SPEC_IN_POSITION_EMBEDDINGS family is built: "interface" (its forward takes
+    position_embeddings and **kwargs and calls the attention interface with them, as Falcon from transformers
+    5.25, StableLM and Nemotron), "falcon-own" (Falcon 5.0-5.24: its forward computes attention itself, with
+    `alibi` as second argument and `_split_heads`), or "unknown"."""
     try:
         parameters = list(inspect.signature(attention_class.forward).parameters)
     except (TypeError, ValueError):
         return "unknown"
-    if _USES_INTERFACE in _source(attention_class.forward) and "alibi" not in parameters and "kwargs" in parameters:
+    if _USES_INTERFACE in _source(attention_class.forward) and "position_embeddings" in parameters \
+            and "alibi" not in parameters and "kwargs" in parameters:
         return "interface"
     if parameters[1:3] == ["hidden_states", "alibi"] and hasattr(attention_class, "_split_heads"):
-        return "own"
+        return "falcon-own"
     return "unknown"
 
 
-def _patch_falcon(model) -> None:
-    """Let the spec reach Falcon's attention: it rides in the rotary position embeddings, the one argument that
-    Falcon's decoder layers pass on (and that gradient checkpointing saves for the recompute). Each attention
-    module takes it out again: a forward pre-hook turns it into the `abft=` keyword where the attention calls
-    the interface itself (transformers 5.25+), a replaced forward calls the interface where it does not."""
+def _carry_spec_in_position_embeddings(model) -> None:
+    """Let the spec reach the attention of a family whose decoder layers drop the call's keywords: it rides in the
+    rotary position embeddings, the one argument those layers pass on (and that gradient checkpointing saves for
+    the recompute). Each attention module takes it out again: a forward pre-hook turns it into the `abft=`
+    keyword where the attention calls the interface itself, a replaced forward calls the interface where it does
+    not (Falcon before transformers 5.25). The class's layout is checked before anything is hooked or replaced."""
     base = model.base_model
-    if getattr(base, "_abft_falcon_patched", False):
+    if getattr(base, "_abft_spec_carrier", False):
         return
-    attentions = [layer.self_attention for layer in base.h]
-    layout = _falcon_layout(type(attentions[0]))
-    if layout == "unknown":
-        raise ValueError(f"attn_implementation='abft' does not know the layout of {type(attentions[0]).__name__} in "
-                         "this transformers version (neither the 5.0-5.24 one nor the 5.25 one): its forward is not "
-                         "replaced or hooked blindly; use attn_implementation='eager'")
+    model_type = model.config.model_type
+    layers = getattr(base, "h", None) if model_type == "falcon" else getattr(base, "layers", None)
+    attentions = [getattr(layer, _SPEC_IN_POSITION_EMBEDDINGS[model_type], None) for layer in layers or []]
+    layouts = {_attention_layout(type(a)) for a in attentions}
+    rotary = getattr(base, "rotary_emb", None)
+    if not attentions or rotary is None or len(layouts) != 1 or "unknown" in layouts \
+            or ("falcon-own" in layouts and model_type != "falcon"):
+        raise ValueError(f"attn_implementation='abft' does not know the layout of {model_type}'s attention in this "
+                         "transformers version (its decoder layers drop the call's keywords, and its attention "
+                         "classes are not the ones this package was written against): nothing is replaced or hooked "
+                         "blindly; use attn_implementation='eager'")
     for attention in attentions:
-        if layout == "interface":
+        if layouts == {"interface"}:
             attention.register_forward_pre_hook(_spec_from_position_embeddings, with_kwargs=True)
         else:
             attention.forward = types.MethodType(_falcon_attention_forward, attention)
-    base.rotary_emb.register_forward_hook(_add_spec_to_position_embeddings)
-    base._abft_falcon_patched = True
+    rotary.register_forward_hook(_add_spec_to_position_embeddings)
+    base._abft_spec_carrier = True
 
 
 def _add_spec_to_position_embeddings(module, args, output):
@@ -238,13 +254,13 @@ def _add_spec_to_position_embeddings(module, args, output):
 
 
 def _spec_from_position_embeddings(module, args, kwargs):
-    """Forward pre-hook of a FalconAttention that calls the interface itself: (cos, sin, spec) -> (cos, sin) and
-    abft=spec."""
+    """Forward pre-hook of an attention module that calls the interface itself: position_embeddings
+    (cos, sin, spec) -> (cos, sin), and abft=spec."""
     position_embeddings = kwargs.get("position_embeddings")
     if position_embeddings is None or len(position_embeddings) != 3:
         return None
-    *kwargs["position_embeddings"], kwargs["abft"] = position_embeddings
-    kwargs["position_embeddings"] = tuple(kwargs["position_embeddings"])
+    cos, sin, kwargs["abft"] = position_embeddings
+    kwargs["position_embeddings"] = (cos, sin)
     return args, kwargs
 
 
