@@ -2,8 +2,9 @@
 
 Read-out: the prediction is the argmax of the query token's next-token logits over the label words'
 tokens. In the same forward pass the "abft" attention returns every layer's label-class masses at
-the query row, from which come the counted (induction) heads and the gold-label attention mass per
-(layer, head), the quantities ABFT trains.
+each prompt's loss row (`ICLPrompt.loss_row`: the label prefix's ':' by default, else the query token), from which
+come the counted (induction) heads and the gold-label attention mass per (layer, head), the quantities ABFT
+trains.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from .icl.prompts import ICLCollator, ICLPrompt
 class EvalResult:
     accuracy: float
     num_prompts: int
-    mean_counted_heads: float  # (layer, head) pairs per prompt that pass the induction filter S > T
-    mean_gold_mass: float  # gold-label mass at the query row, averaged over prompts, layers and heads
+    mean_counted_heads: float  # (layer, head) pairs per prompt that pass the induction filter S > T at the loss row
+    mean_gold_mass: float  # gold-label mass at the loss row, averaged over prompts, layers and heads
     gold_mass: List[List[float]]  # [layer][head], averaged over prompts
     label_mass: List[List[float]]  # [layer][head]: mass on all demonstration labels
     predictions: List[int]
@@ -104,8 +105,8 @@ def evaluate(model, prompts: Sequence[ICLPrompt], label_token_ids: Sequence[int]
         progress: show a tqdm bar, titled `desc`.
 
     Returns:
-        EvalResult: accuracy over the prompts, counted heads per prompt (filter S > T), gold-label and label
-        masses per [layer][head] averaged over the prompts, predictions (class ids), seconds, peak memory (MiB).
+        EvalResult: accuracy over the prompts (read-out at the last token), counted heads per prompt (filter
+        S > T) and gold-label and label masses per [layer][head] at each prompt's loss row, averaged over the prompts, predictions (class ids), seconds, peak memory (MiB).
 
     Raises:
         ValueError: from the model's "abft" attention or `abft_loss` when the prompts do not fit the model.

@@ -24,8 +24,10 @@ def abft_forward(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_cla
     Args:
         model: a causal LM with the "abft" attention.
         batch: an `icl.ICLCollator` batch on the model's device: input_ids long [B,N], attention_mask [B,N]
-            (1 = real token), key_class long [B,N] (-1 = not a label), query_rows long [B,R] (-1 = empty slot),
-            target_class long [B,R] (-1 = no target).
+            (1 = real token), key_class long [B,N] (-1 = not a label), query_rows long [B,R] (the read-out rows,
+            -1 = empty slot), target_class long [B,R] (-1 = no target), and optionally loss_rows long [B,R]: the rows
+            whose label masses the loss and the induction-head filter read (`PromptBuilder(loss_row=...)`; absent:
+            query_rows).
         num_classes: C, the number of label classes.
         A, B: the loss's wrong-label and gold-label weights (paper: A0 = 0.5, steered by the PID; B = 1).
         count_all_heads: ablation, every head in the loss (see `abft_loss`).
@@ -40,11 +42,12 @@ def abft_forward(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_cla
     Raises:
         ValueError: from `LabelSpec`, the attention or `abft_loss` when the batch's tensors do not fit.
     """
-    spec = LabelSpec(batch["key_class"], batch["query_rows"], num_classes)
+    loss_rows = batch.get("loss_rows", batch["query_rows"])
+    spec = LabelSpec(batch["key_class"], loss_rows, num_classes)
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], abft=spec,
                     output_attentions=True, use_cache=False, logits_to_keep=logits_to_keep)
-    loss, info = abft_loss(list(outputs.attentions), batch["target_class"], batch["key_class"], batch["query_rows"],
-                           A=A, B=B, key_padding_mask=batch["attention_mask"].bool(), count_all_heads=count_all_heads)
+    loss, info = abft_loss(list(outputs.attentions), batch["target_class"], batch["key_class"], loss_rows, A=A, B=B,
+                           key_padding_mask=batch["attention_mask"].bool(), count_all_heads=count_all_heads)
     return outputs, loss, info
 
 

@@ -28,6 +28,22 @@ class DataSettings:
 
     The examples are shuffled with `seed`; the first `eval_prompts` are the held-out queries, the rest the
     training pool. Held-out demonstrations are drawn with seed + 1, training prompts with seed + 2.
+
+    `loss_row` (the row of each prompt whose label masses the ABFT loss and the induction-head filter read) is kept
+    apart from the read-out (the last token's next-token logits, the same in both cases). Its default,
+    "label-prefix", is the authors' row, the last ':' of the prompt (the label prefix's colon):
+
+    * the paper's Fig. 1 points at "the last ':'" as the position whose attention is steered;
+    * the authors' analysis code (hc495/ICL_Circuit, util/inference.py) reads row -2 of StaICC prompts, whose
+      trailing space its StaICC loader strips, i.e. the colon;
+    * measured on SmolLM2 at step 0 (issue 23): 0.8-1.5 heads per prompt pass the filter from the trailing space on
+      TREC/SST5/TEE against 10.7-13.3 from the colon (MR 3.1 vs 18.1); from the space the count falls to about 0 and
+      training stops on those tasks. With only the row changed (lr 2e-4, 16 steps x 16 prompts, seed 42, 512 StaICC
+      prompts) ABFT's accuracy from the space -> from the colon: TREC 0.381 -> 0.410 (vanilla 0.348), SST5
+      0.293 -> 0.287 (one seed).
+
+    "read-out" is the trailing space in the "staicc" style (the only row before this setting existed); in the
+    "space-on-label" style both rows are the colon.
     """
 
     model: Optional[str] = field(default=None, metadata=_help(
@@ -50,6 +66,11 @@ class DataSettings:
         "staicc: StaICC's prompts, the paper's (the query ends with the label prefix and its space, read-out = "
         "each bare label word's last token); space-on-label: the prompt ends at the label prefix and the "
         "read-out is the label word with its leading space (abft_kernels.icl.PROMPT_STYLES)"))
+    loss_row: Literal["label-prefix", "read-out"] = field(default="label-prefix", metadata=_help(
+        "the query row whose label attention the loss and the induction-head filter read: label-prefix = the token "
+        "of the label prefix's last character (the ':' of 'sentiment:'), the authors' row; read-out = the prompt's "
+        "last token, whose logits give the read-out (in the staicc style the trailing space; before issue 23 the only "
+        "row). The read-out is the same for both (abft_kernels.icl.LOSS_ROWS)"))
     staicc_root: Optional[str] = field(default=None, metadata=_help(
         "folder of StaICC's exported data (splits.json and the *.jsonl), for --dataset staicc:<name>"))
     k: int = field(default=4, metadata=_help("demonstrations per prompt"))

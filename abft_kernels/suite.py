@@ -175,7 +175,8 @@ class SuiteRun:
         self.held_out_predictions: Dict[str, List[int]] = {}  # per model, on self.prompts (filled by part_table)
         self.task = load_workflow_task(settings, task_template(settings))
         self.prompts: List[ICLPrompt] = held_out_prompts(self.tokenizer, self.task, settings)[1]
-        self.builder = PromptBuilder(self.tokenizer, self.task.template, style=settings.prompt_style)
+        self.builder = PromptBuilder(self.tokenizer, self.task.template, style=settings.prompt_style,
+                                     loss_row=settings.loss_row)
         self.trained = ("abft", "e2e") if settings.e2e else ("abft",)  # the models the parts train
 
     def model(self, name: str):
@@ -249,7 +250,8 @@ def part_ood(run: SuiteRun) -> dict:
     ood_settings = replace(settings, dataset=ood)
     ood_task = load_workflow_task(ood_settings, None)
     ood_prompts = held_out_prompts(run.tokenizer, ood_task, ood_settings)[1]
-    ood_labels = PromptBuilder(run.tokenizer, ood_task.template, style=settings.prompt_style).label_token_ids
+    ood_labels = PromptBuilder(run.tokenizer, ood_task.template, style=settings.prompt_style,
+                               loss_row=settings.loss_row).label_token_ids
     result = {"dataset": settings.dataset, "ood_dataset": ood, "num_prompts": len(run.prompts),
               "num_ood_prompts": len(ood_prompts), "in_domain": {}, "out_of_domain": {}}
     for name in ("vanilla",) + run.trained:
@@ -305,7 +307,8 @@ def part_template_consistency(run: SuiteRun) -> dict:
         templates, items, source = template_consistency_items(run)
     except ValueError as error:  # no known alternative templates for this dataset: said in the report, not guessed
         return {"skipped": str(error)}
-    builders = [PromptBuilder(run.tokenizer, t, style=run.settings.prompt_style) for t in templates]
+    builders = [PromptBuilder(run.tokenizer, t, style=run.settings.prompt_style, loss_row=run.settings.loss_row)
+                for t in templates]
     grids = [[b.build(demos, query) for demos, query in items] for b in builders]  # [template][query]
     result = {"num_queries": len(items), "num_templates": len(templates), "source": source,
               "templates": [asdict(t) for t in templates], "models": {}}
@@ -505,7 +508,8 @@ def format_report(report: dict) -> str:
         extra_lines = []
     title = (f"abft suite: {s['model'] or DEFAULT_MODEL} on {s['dataset']} (k={s['k']}, "
              f"{(table or {}).get('num_prompts', s['eval_prompts'])} held-out prompts, seed {s['seed']}, "
-             f"{s['steps']} steps x {s['prompts_per_step']} prompts)")
+             f"{s['steps']} steps x {s['prompts_per_step']} prompts, {s.get('prompt_style', 'staicc')} style, "
+             f"loss row {s.get('loss_row', 'read-out')})")  # reports before the loss_row setting: the read-out row
     lines = [title, f"{'':34}" + "".join(f"{m:>13}" for m in methods)]
     for name, values, fmt in rows:
         lines.append(f"{name:34}" + "".join(f"{fmt.format(v) if v is not None else '-':>13}" for v in values))

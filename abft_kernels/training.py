@@ -9,6 +9,7 @@ state). `apply_trained_weights` puts them back on a freshly loaded base model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from .settings import PAPER, ABFTSettings
 
 WEIGHTS_FILE = "abft_weights.safetensors"
 CONFIG_FILE = "abft_config.json"
+
+logger = logging.getLogger(__name__)
 
 
 def abft_training_arguments(output_dir: str, *, learning_rate: float = PAPER.lr, steps: int = PAPER.steps,
@@ -71,6 +74,12 @@ def abft_training_arguments(output_dir: str, *, learning_rate: float = PAPER.lr,
 # Counted heads per prompt, relative to the first step's: within BAND of it the count "stayed"; beyond GUARD
 # (below start / GUARD or above start * GUARD) the run collapsed or exploded, and the summary warns.
 COUNT_BAND, COUNT_GUARD = 2.0, 4.0
+# No head counted at the first step: the ABFT loss has no term and the run trains nothing (issue 23).
+ZERO_COUNT_WARNING = (
+    "no head passed the induction-head filter at the first step (0 counted heads per prompt): the ABFT loss has no "
+    "term, so W_Q/W_K do not move (unless every head is counted) and A does not steer anything. What to do: read the "
+    "loss at the authors' row (--loss-row label-prefix, the label prefix's ':'; the staicc style's trailing space "
+    "passes far fewer heads), count every head (--count-all-heads), or try the other prompt style (--prompt-style)")
 
 
 @dataclass
@@ -93,21 +102,27 @@ class CountCheck:
 def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
     """Check the counted heads of a training run (`trainer.state.log_history`, one "counted_heads" per step).
 
+    An ABFT run (steps logged with "abft_loss") whose first step counted no head gets ZERO_COUNT_WARNING.
+
     Raises:
         ValueError: the log has no step with counted heads (no training step ran).
     """
-    counts = [entry["counted_heads"] for entry in log_history if "counted_heads" in entry]
-    if not counts:
+    steps = [entry for entry in log_history if "counted_heads" in entry]
+    if not steps:
         raise ValueError("log_history has no step with 'counted_heads': no ABFT training step was logged")
+    counts = [entry["counted_heads"] for entry in steps]
     start, end = counts[0], counts[-1]
     band = [start / COUNT_BAND, start * COUNT_BAND]
     within = all(band[0] <= n <= band[1] for n in counts)
-    collapsed, exploded = end < start / COUNT_GUARD, end > start * COUNT_GUARD
+    collapsed, exploded = end < start / COUNT_GUARD, start > 0 and end > start * COUNT_GUARD  # 0: warned below
     summary = (f"counted heads per prompt over {len(counts)} steps: start {start:.1f}, min {min(counts):.1f}, "
                f"max {max(counts):.1f}, end {end:.1f}: "
-               + (f"stayed within [{band[0]:.1f}, {band[1]:.1f}] (start /{COUNT_BAND:g} .. x{COUNT_BAND:g})" if within
+               + ("no head counted at the start" if start == 0 else
+                  f"stayed within [{band[0]:.1f}, {band[1]:.1f}] (start /{COUNT_BAND:g} .. x{COUNT_BAND:g})" if within
                   else f"left the band [{band[0]:.1f}, {band[1]:.1f}] (start /{COUNT_BAND:g} .. x{COUNT_BAND:g})"))
     warnings = []
+    if start == 0 and "abft_loss" in steps[0]:
+        warnings.append(ZERO_COUNT_WARNING)
     if collapsed:
         warnings.append(f"the counted heads collapsed: {end:.1f} per prompt at the last step, below a quarter of "
                         f"the start ({start:.1f}); the loss lost its heads, so 'after' may show no gain "
@@ -147,6 +162,8 @@ class ABFTController(TrainerCallback):
             torch.distributed.all_reduce(sums)  # every process steers A from the same global mean
         loss, heads, gold, prompts = (sums / sums[3].clamp(min=1)).tolist()
         self.last = {self.loss_name: loss, "counted_heads": heads, "gold_mass": gold}
+        if state.global_step == 1 and heads == 0 and self.pid is not None:  # the first step of an ABFT run
+            logger.warning(ZERO_COUNT_WARNING)
         if self.pid is not None:
             A_used = self.pid.A
             self.pid.update(heads)

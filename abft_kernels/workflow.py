@@ -103,7 +103,8 @@ def held_out_settings(given: dict, saved: dict) -> DataSettings:
     from_run = {name: saved.get(name) for name in SPLIT_SETTINGS}
     from_run.update(eval_prompts=saved.get("held_out"), model=saved.get("base_model"), k=saved.get("k"),
                     load_in_4bit=saved.get("load_in_4bit"),
-                    prompt_style=saved.get("prompt_style"), staicc_root=saved.get("staicc_root"))
+                    prompt_style=saved.get("prompt_style"), staicc_root=saved.get("staicc_root"),
+                    loss_row=saved.get("loss_row", "read-out"))  # runs saved before the setting used the read-out row
     return replace(data_settings(PAPER), **{**{name: v for name, v in from_run.items() if v is not None}, **given})
 
 
@@ -119,7 +120,7 @@ def held_out_prompts(tokenizer, task, settings: DataSettings):
     """(builder, prompts): the PromptBuilder of the settings' prompt style and the task's held-out prompts, the same
     for every command and every model (StaICC's prompts in its order for a StaICC task, else demonstrations drawn
     from the training pool with seed + EVAL_SEED_OFFSET)."""
-    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style)
+    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style, loss_row=settings.loss_row)
     if isinstance(task, StaICCTask):  # StaICC's 1024 prompts (512 test items x 2 demonstration sets), in order
         return builder, staicc_prompts(builder, task, settings.eval_prompts)
     return builder, sample_prompts(builder, task.train, task.test, settings.k, seed=settings.seed + EVAL_SEED_OFFSET)
@@ -149,7 +150,7 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
     device = next(model.parameters()).device
     set_seed(settings.seed)  # LoRA adapters start the same in every run and process
     trainable_qk(model, lora=settings.lora)
-    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style)
+    builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style, loss_row=settings.loss_row)
     prompts = training_prompts(builder, task.train, settings.k, settings.train_prompts,
                                seed=settings.seed + TRAIN_SEED_OFFSET)
     training_args = abft_training_arguments(
@@ -161,6 +162,7 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
                 "text_column": settings.text_column, "label_column": settings.label_column,
                 "max_chars": settings.max_chars, "seed": settings.seed, "held_out": settings.eval_prompts,
                 "template": asdict(task.template), "k": settings.k, "prompt_style": settings.prompt_style,
+                "loss_row": settings.loss_row,
                 "staicc_root": settings.staicc_root, "learning_rate": settings.lr,
                 "steps": settings.steps, "prompts_per_step": settings.prompts_per_step}
     trainer = ABFTTrainer(model=model, args=training_args, train_dataset=prompts,

@@ -1,5 +1,6 @@
 """ICL prompts on the real SmolLM2 tokenizer, the data loaders, and the paper's read-out."""
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -33,26 +34,34 @@ def test_paper_label_words_are_single_tokens_with_a_leading_space(tokenizer, nam
     assert [tokenizer.decode([i]) for i in builder.label_token_ids] == [f" {w}" for w in template.label_words]
 
 
+SPLIT_ON_SMOLLM2 = {"tee": "'sad' -> ['s', 'ad']", "teh": "'hate' -> ['h', 'ate']"}  # bare; " sad", " hate": one
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_TASKS))
-def test_staicc_style_reads_the_bare_words_last_token(tokenizer, name):
-    """StaICC reads tokenizer(word).input_ids[-1]: on SmolLM2 "sad" -> "s", "ad" and "hate" -> "h", "ate" read their
-    last piece; the demonstrations still carry the word as one token with its leading space."""
+def test_staicc_style_reads_the_bare_word_and_the_loss_at_the_colon(tokenizer, name):
+    """The staicc read-out is the bare word's one token; SmolLM2 splits bare "sad" (TEE) and "hate" (TEH), which
+    StaICC would read as "ad" and "ate": refused, naming the words. The loss row is the query's ':' (the authors'
+    row), the read-out row the trailing space after it; the demonstrations carry the word with its leading space."""
     template = PAPER_TASKS[name].template
+    if name in SPLIT_ON_SMOLLM2:
+        with pytest.raises(ValueError, match=f"are split by the tokenizer .*smollm2.*{re.escape(SPLIT_ON_SMOLLM2[name])}"):
+            PromptBuilder(tokenizer, template, style="staicc")
+        return
     builder = PromptBuilder(tokenizer, template, style="staicc")
     assert builder.label_token_ids == [tokenizer(w)["input_ids"][-1] for w in template.label_words]
+    assert [tokenizer.decode([i]) for i in builder.label_token_ids] == list(template.label_words)
     assert [tokenizer.decode([i]) for i in builder.demonstration_token_ids] == [f" {w}" for w in template.label_words]
-    if name == "tee":
-        assert tokenizer.convert_ids_to_tokens(builder.label_token_ids) == ["anger", "joy", "positive", "ad"]
     prompt = builder.build([Example("a fine day", 1), Example("so so", 0)], Example("what now", 0))
     tokens = [tokenizer.decode([i]) for i in prompt.input_ids]
-    assert tokens[prompt.query_row] == " " and tokens[prompt.query_row - 1] == ":"  # the query row: trailing space
+    assert tokens[prompt.query_row] == " " and prompt.query_row == len(tokens) - 1  # the read-out: trailing space
+    assert tokens[prompt.loss_row] == ":" and prompt.loss_row == prompt.query_row - 1  # the loss: the colon
     assert [tokens[i] for i in prompt.label_positions] == [f" {template.label_words[c]}" for c in (1, 0)]
 
 
-def test_staicc_style_refuses_words_that_share_a_read_out_token(tokenizer):
+def test_staicc_style_names_every_split_label_word(tokenizer):
     template = Template("review: ", "sentiment:", ("sad", "glad"))  # bare: "s" "ad" and "gl" "ad"
     assert len(set(PromptBuilder(tokenizer, template, style="space-on-label").label_token_ids)) == 2
-    with pytest.raises(ValueError, match=r"label words \['sad', 'glad'\] map to the same read-out token 'ad'"):
+    with pytest.raises(ValueError, match=r"label words \['glad', 'sad'\] are split"):
         PromptBuilder(tokenizer, template, style="staicc")
 
 

@@ -63,7 +63,7 @@ def test_held_out_settings_take_the_runs_split_and_refuse_other_ones():
              "held_out": 200, "base_model": "some/model", "k": 8}
     settings = held_out_settings({"eval_prompts": 100}, saved)
     assert settings == replace(data_settings(PAPER), dataset="rt-subj", max_chars=160, seed=3, eval_prompts=100,
-                               model="some/model", k=8)
+                               model="some/model", k=8, loss_row="read-out")  # saved before loss_row: read-out
     assert held_out_settings({}, saved).eval_prompts == 200
     assert set(SPLIT_SETTINGS) <= {f.name for f in fields(DataSettings)}
     with pytest.raises(ValueError, match="overlap the training pool"):

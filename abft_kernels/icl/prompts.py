@@ -9,9 +9,20 @@ Two prompt styles (`PROMPT_STYLES`), with identical demonstrations (`sentiment: 
   the read-out token is the label word with its leading space (`" positive"`), the token that the
   demonstrations carry in context.
 
-Query row: the prompt's last token in both styles (in "staicc" style on byte-level BPE tokenizers such as
-GPT-2's or SmolLM2's, the trailing space " " after "sentiment:"). It is the position whose next-token logits
-give the read-out, i.e. where the model predicts the label, so it is the row whose attention ABFT steers.
+Two rows of the query (`LOSS_ROWS`):
+
+* read-out row (`ICLPrompt.query_row`): the prompt's last token in both styles (in "staicc" style on byte-level
+  BPE tokenizers such as GPT-2's or SmolLM2's, the trailing space " " after "sentiment:"). Its next-token logits
+  give the read-out, i.e. where the model predicts the label.
+* loss row (`ICLPrompt.loss_row`): the row whose label attention masses the ABFT loss and the induction-head filter
+  read. "label-prefix" (default): the token of the query's last character as the template writes it, the ':' of
+  "sentiment:". That is the authors' row: the paper's Fig. 1 points at "the last ':'", and the authors' analysis
+  code (hc495/ICL_Circuit, util/inference.py) reads row -2 of StaICC prompts, i.e. the colon before the trailing
+  space. "read-out": the read-out row. In "space-on-label" style both are the ':'; in "staicc" style they differ.
+
+Special tokens that the tokenizer's post-processor appends after the text (Llama-2 tokenizers with
+add_eos_token=True append </s>) are dropped from the prompt: the read-out row is the template's own last token.
+Leading ones (BOS) are kept.
 
 Label positions: the prompt is tokenized as one string (what the model would see anyway); each
 demonstration's label word is located through the tokenizer's character offsets and must be covered by
@@ -32,6 +43,7 @@ from .data import Example
 from .templates import Template
 
 PROMPT_STYLES = ("staicc", "space-on-label")
+LOSS_ROWS = ("label-prefix", "read-out")
 
 
 @dataclass(frozen=True)
@@ -40,9 +52,11 @@ class ICLPrompt:
     label_positions: List[int]  # token index of each demonstration's label token
     label_classes: List[int]  # its class id
     gold: int  # the query's class id
+    loss_row: int  # token index of the row the loss and the induction-head filter read (PromptBuilder's loss_row)
 
     @property
     def query_row(self) -> int:
+        """The read-out row: the last token, whose next-token logits give the prediction."""
         return len(self.input_ids) - 1
 
 
@@ -54,26 +68,34 @@ class PromptBuilder:
         template: the dataset's `Template`.
         style: one of `PROMPT_STYLES`; "space-on-label" (this class's historical behaviour) by default, while
             StaICC's and the paper's default is "staicc".
+        loss_row: one of `LOSS_ROWS`, the row of each prompt's `loss_row`: "label-prefix" (default, the authors'
+            row: the token of the query's last template character, the ':' of "sentiment:") or "read-out" (the
+            prompt's last token; in "staicc" style the trailing space). See the module docstring for the evidence.
 
     Attributes:
         label_token_ids: per class id, the read-out token (next-token logit at the query row).
         demonstration_token_ids: per class id, the token that carries the label word inside a demonstration.
 
     Raises:
-        ValueError: a slow tokenizer, an unknown style, a label word whose read-out token is a special token or
-            shared with another word, or that is not exactly one token inside a demonstration.
+        ValueError: a slow tokenizer, an unknown style or loss row, a label word whose read-out token is a special
+            token or shared with another word, that is not exactly one token inside a demonstration, or (in "staicc"
+            style) that the tokenizer splits into several tokens without its leading space.
     """
 
-    def __init__(self, tokenizer, template: Template, style: str = "space-on-label"):
+    def __init__(self, tokenizer, template: Template, style: str = "space-on-label", loss_row: str = "label-prefix"):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("tokenizer must be a fast (Rust) tokenizer: label tokens are found by character offsets")
         if style not in PROMPT_STYLES:
             raise ValueError(f"style must be one of {PROMPT_STYLES}, got {style!r}")
+        if loss_row not in LOSS_ROWS:
+            raise ValueError(f"loss_row must be one of {LOSS_ROWS}, got {loss_row!r}")
         self.tokenizer = tokenizer
         self.template = template
         self.style = style
+        self.loss_row = loss_row
         self.demonstration_token_ids = [self._demonstration_token_id(label) for label in range(template.num_classes)]
         if style == "staicc":
+            self._refuse_split_bare_words()
             self.label_token_ids = [self._bare_word_token_id(word) for word in template.label_words]
         else:
             self.label_token_ids = list(self.demonstration_token_ids)
@@ -116,20 +138,47 @@ class PromptBuilder:
                 f"together with their leading space (check tokenizer.tokenize('{self.template.label_prefix} {word}'))")
         return ids[positions[0]]
 
-    def _bare_word_token_id(self, word: str) -> int:
-        """StaICC's read-out token of `word`: the last token of the bare word, `tokenizer(word).input_ids[-1]`.
+    def _refuse_split_bare_words(self) -> None:
+        """The "staicc" read-out is the bare word's token; the paper reduces every label word to one token (its
+        Table 5), so a word the tokenizer splits without its leading space (SmolLM2: "sad" -> "s", "ad", where
+        StaICC's `tokenizer(word).input_ids[-1]` would read "ad") is refused, all such words named at once."""
+        split = {word: self.tokenizer.convert_ids_to_tokens(self.tokenizer(word, add_special_tokens=False)["input_ids"])
+                 for word in self.template.label_words}
+        split = {word: pieces for word, pieces in split.items() if len(pieces) > 1}
+        if split:
+            name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
+            raise ValueError(
+                f"label words {sorted(split)} are split by the tokenizer {name!r} "
+                f"({', '.join(f'{w!r} -> {p}' for w, p in split.items())}): the 'staicc' style reads each class from "
+                "the bare word's one token (the paper reduces every label word to one token), and reading a piece "
+                "would score a different word; use the 'space-on-label' style (--prompt-style space-on-label), which "
+                "reads each word with its leading space, or label words that are one token bare")
 
-        For a word the tokenizer splits (SmolLM2: "sad" -> "s", "ad") this is its last piece, as in StaICC."""
-        ids = self.tokenizer(word)["input_ids"]
+    def _bare_word_token_id(self, word: str) -> int:
+        """StaICC's read-out token of `word`: the bare word's token (`tokenizer(word).input_ids[-1]` in StaICC; here
+        without the tokenizer's added special tokens, so that an appended EOS is not read)."""
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
         if not ids or ids[-1] in self.tokenizer.all_special_ids:
-            raise ValueError(f"label word {word!r}: tokenizer({word!r}) ends with a special token (ids {ids}), so it "
-                             f"has no read-out token in 'staicc' style")
+            raise ValueError(f"label word {word!r}: tokenizer({word!r}) is the special token "
+                             f"{self.tokenizer.convert_ids_to_tokens(ids)} (ids {ids}), so it has no read-out token in "
+                             f"'staicc' style")
         return ids[-1]
+
+    def _encode(self, text: str):
+        """(input_ids, offsets) of `text` with the tokenizer's special tokens, less those its post-processor appends
+        after the text (special tokens that cover no character at the end, e.g. Llama-2's </s> with
+        add_eos_token=True): the prompt ends with the template's own last token."""
+        encoding = self.tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+        special = set(self.tokenizer.all_special_ids)
+        while ids and ids[-1] in special and offsets[-1][0] == offsets[-1][1]:
+            ids.pop()
+            offsets.pop()
+        return ids, offsets
 
     def _tokens_covering(self, text: str, spans):
         """For each character span, the index of the single token that covers it (None if not exactly one)."""
-        encoding = self.tokenizer(text, return_offsets_mapping=True)
-        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        ids, offsets = self._encode(text)
         positions = []
         for start, end in spans:
             covering = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
@@ -138,7 +187,8 @@ class PromptBuilder:
         return positions, ids
 
     def _compose(self, demonstrations: Sequence[Example], query_text: str):
-        """The prompt string, the character spans of the demonstrations' label words, and their classes."""
+        """The prompt string, the character spans of the demonstrations' label words, and their classes; the
+        query's last template character (the ':' of the label prefix) is the last of the spans."""
         text = self.template.instruction
         spans, classes = [], []
         for demo in demonstrations:
@@ -148,6 +198,7 @@ class PromptBuilder:
             classes.append(demo.label)
             text += piece
         text += self.template.query(query_text)
+        spans.append((len(text) - 1, len(text)))
         if self.style == "staicc":
             text += " "
         return text, spans, classes
@@ -157,18 +208,25 @@ class PromptBuilder:
         return self._compose(demonstrations, query.text)[0]
 
     def build(self, demonstrations: Sequence[Example], query: Example) -> ICLPrompt:
-        """The tokenized prompt with its label positions and classes; the query row is its last token.
+        """The tokenized prompt with its label positions and classes; the read-out row is its last token, the loss
+        row as `loss_row` says (the token of the label prefix's last character, or the last token).
 
         Raises:
-            ValueError: a demonstration's label word is not exactly its label token in context.
+            ValueError: a demonstration's label word is not exactly its label token in context, or no single token
+                covers the label prefix's last character.
         """
         text, spans, classes = self._compose(demonstrations, query.text)
         positions, ids = self._tokens_covering(text, spans)
+        *positions, prefix_end = positions
         for position, label in zip(positions, classes):
             if position is None or ids[position] != self.demonstration_token_ids[label]:
                 raise ValueError(f"a demonstration's label {self.template.label_words[label]!r} did not tokenize to "
                                  f"its label token in context (prompt: {text[:200]!r}...)")
-        return ICLPrompt(list(ids), positions, classes, query.label)
+        if prefix_end is None:
+            raise ValueError(f"no single token covers the last character of the query's label prefix "
+                             f"{self.template.label_prefix!r}, the 'label-prefix' loss row (prompt end: {text[-80:]!r})")
+        loss_row = prefix_end if self.loss_row == "label-prefix" else len(ids) - 1
+        return ICLPrompt(list(ids), positions, classes, query.label, loss_row)
 
 
 def sample_prompts(builder: PromptBuilder, pool: Sequence[Example], queries: Sequence[Example], k: int,
@@ -195,7 +253,8 @@ def training_prompts(builder: PromptBuilder, pool: Sequence[Example], k: int, nu
 
 class ICLCollator:
     """Pads a list of ICLPrompt on the right into the tensors ABFT needs:
-    input_ids, attention_mask [B,N]; key_class [B,N] (-1 = not a label); query_rows, target_class [B,1]."""
+    input_ids, attention_mask [B,N]; key_class [B,N] (-1 = not a label); query_rows (the read-out rows),
+    loss_rows (the rows whose label masses the loss and filter read), target_class [B,1]."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -214,5 +273,6 @@ class ICLCollator:
             "attention_mask": attention_mask,
             "key_class": key_class,
             "query_rows": torch.tensor([[p.query_row] for p in prompts]),
+            "loss_rows": torch.tensor([[p.loss_row] for p in prompts]),
             "target_class": torch.tensor([[p.gold] for p in prompts]),
         }
