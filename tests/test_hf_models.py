@@ -43,7 +43,7 @@ FAMILIES = {
 # Falcon's modelling code does not use transformers' AttentionInterface: apply_abft patches it (transformers 5).
 NEEDS_APPLY_ABFT = {"falcon", "falcon_mha", "falcon_gqa"}
 # Transformers 4.57 builds these from a table of attention classes with their own attention code: refused there.
-OWN_ATTENTION_ON_4 = {"stablelm", "stablelm_qk_norm"}
+OWN_ATTENTION_ON_4 = {"stablelm", "stablelm_qk_norm", "nemotron"}
 NO_SDPA = {"gemma2"}  # transformers refuses sdpa for Gemma2; its plain path is checked against eager
 
 
@@ -109,7 +109,7 @@ def family(request):
     if TRANSFORMERS_4 and request.param in NEEDS_APPLY_ABFT:
         pytest.skip("abft on Falcon needs transformers 5")
     if TRANSFORMERS_4 and request.param in OWN_ATTENTION_ON_4:
-        pytest.skip("transformers 4.57's StableLM computes its own attention: refused (family matrix)")
+        pytest.skip(f"transformers 4.57's {request.param} computes its own attention: refused (family matrix)")
     return request.param
 
 
