@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import suite, workflow
+from . import export, suite, workflow
 
 
 def run_example(args: argparse.Namespace) -> None:
@@ -53,7 +53,7 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `abft` parser: example, demo, train, eval, suite (their settings options generated from
+    """The `abft` parser: example, demo, train, eval, export, suite (their settings options generated from
     `abft_kernels.settings` by transformers' HfArgumentParser) and bench."""
     from transformers import HfArgumentParser
 
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, dataclass_types=[workflow.SETTINGS_TYPE[name]])
         workflow.configure_parser(command, name)
         command.set_defaults(func=run)
+    command = commands.add_parser("export", help="an `abft train` output folder as a plain transformers folder (LoRA "
+                                  "merged) and, for LoRA runs, a PEFT adapter folder")
+    export.configure_parser(command)
+    command.set_defaults(func=export.run_export)
     command = commands.add_parser("suite", dataclass_types=[suite.SuiteSettings],
                                   help="vanilla / calibration / ABFT / E2E, in and out of domain, consistency, "
                                        "unseen-label prompts: table, report.json, accuracy.png")

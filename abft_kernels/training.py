@@ -3,8 +3,10 @@
 controller of A, and a checkpoint format that holds only the trained Q/K weights.
 
 Saved folder (the final output and every checkpoint-N/): `abft_weights.safetensors` (the trained
-tensors by parameter name) and `abft_config.json` (base model, LoRA rank, run settings, controller
-state). `apply_trained_weights` puts them back on a freshly loaded base model.
+tensors by parameter name) and `abft_config.json` (base model, the LoRA config and the split of fused
+projections as read from the model, run settings, controller state). `apply_trained_weights` puts them
+back on a freshly loaded base model; `abft_kernels.export` turns a run into a plain transformers folder or
+a PEFT adapter folder.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from .forward import abft_forward, e2e_forward
 from .hf import trainable_qk
+from .hf.trainable import lora_config_from_layout, trained_layout
 from .loss import make_controller
 from .settings import PAPER, ABFTSettings
 
@@ -258,7 +261,10 @@ class ABFTTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         state_dict = state_dict if state_dict is not None else model.state_dict()
-        config = {**self.run_info, "trained": self.trained_names,
+        # The LoRA config and the split of fused projections are read from the model itself, so that a run set up
+        # through the Python API (trainable_qk(model, lora=...), any LoraConfig) is rebuilt as it was trained.
+        config = {"base_model": getattr(model, "name_or_path", None) or None, **self.run_info,
+                  **trained_layout(model), "trained": self.trained_names,
                   "settings": asdict(self.settings),
                   "controller": self.controller.pid.state_dict() if self.controller.pid is not None else None,
                   "global_step": self.state.global_step}
@@ -272,6 +278,13 @@ class ABFTTrainer(Trainer):
 
 
 def save_trained_weights(folder, tensors: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
+    """Write `tensors` to folder/abft_weights.safetensors and `config` (JSON) to folder/abft_config.json.
+
+    Args:
+        folder: created if missing. tensors: the trained tensors by parameter name (any device and dtype).
+        config: what `apply_trained_weights` needs (`hf.trainable.trained_layout(model)`: "lora_config" and
+            "split"; older folders have only "lora", an int rank) and the run's settings.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(folder / WEIGHTS_FILE))
@@ -279,7 +292,11 @@ def save_trained_weights(folder, tensors: Dict[str, torch.Tensor], config: Dict[
 
 
 def load_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
-    """Copy the saved tensors into `model` (whose LoRA adapters, if any, already exist); returns the config."""
+    """Copy the saved tensors into `model` (whose LoRA adapters, if any, already exist); returns the config.
+
+    Raises:
+        ValueError: the folder holds no abft_weights.safetensors, or a tensor the model lacks.
+    """
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise ValueError(f"{folder} holds no {WEIGHTS_FILE}: not an ABFT output or checkpoint folder")
@@ -295,11 +312,39 @@ def load_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
 def apply_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
     """Load an ABFT output folder onto its (freshly loaded) base model: adds the LoRA adapters when it was
     trained with LoRA (or splits fused projections as trainable_qk does), then copies the trained tensors.
-    Returns the folder's config."""
+
+    A second call on the same model (with this or another full query/key run) only copies the tensors again:
+    the result is that of a freshly loaded base model.
+
+    Args:
+        model: the run's base model (config "base_model"), as transformers loads it, or one that an earlier call
+            prepared for full query/key weights.
+        folder: an `ABFTTrainer.save_model` / `abft train` output folder, or one of its checkpoint-N folders.
+
+    Returns:
+        The folder's config (abft_config.json).
+
+    Raises:
+        ValueError: the model already carries LoRA adapters; the projections or the split found on this model
+            differ from the run's ("lora_config" target_modules, "split"); from trainable_qk and
+            load_trained_weights.
+    """
     config = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    # Recreates the LoRA adapters, or the split of fused projections (their trained features are a parameter of
-    # their own), under the names the trained tensors were saved with.
-    trainable_qk(model, lora=config.get("lora"))
+    # Recreates the LoRA adapters (from the run's own peft config; folders of older versions record only the rank,
+    # "lora"), or the split of fused projections (their trained features are a parameter of their own), under the
+    # names the trained tensors were saved with.
+    if "lora_config" in config:
+        lora = config["lora_config"] and lora_config_from_layout(config["lora_config"])
+    else:
+        lora = config.get("lora")
+    trainable_qk(model, lora=lora)
+    if "split" in config:
+        found, saved = trained_layout(model), {key: config[key] for key in ("lora_config", "split")}
+        targets = [sorted((layout["lora_config"] or {}).get("target_modules") or []) for layout in (found, saved)]
+        if targets[0] != targets[1] or found["split"] != saved["split"]:
+            raise ValueError(f"{folder} was trained on other query/key features than trainable_qk finds on this "
+                             f"model (LoRA targets {targets[1]} vs {targets[0]}, split {saved['split']} vs "
+                             f"{found['split']}): not its base model, or another transformers version's layout")
     load_trained_weights(model, folder)
     for param in model.parameters():
         param.requires_grad_(False)

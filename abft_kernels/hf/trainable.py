@@ -22,7 +22,8 @@ cannot be trained without moving W_V) is refused with a ValueError.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+import json
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.nn.utils import parametrize
@@ -58,10 +59,13 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, **
 
 
 def _feature_axis(module: torch.nn.Module) -> Optional[int]:
-    """The weight axis of a layer's output features: 0 for nn.Linear, 1 for transformers' Conv1D."""
+    """The weight axis of a layer's output features: 0 for nn.Linear, 1 for transformers' Conv1D (also once a
+    parametrization has made its class a subclass named ParametrizedConv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
     if isinstance(module, torch.nn.Linear):
         return 0
-    if type(module).__name__ == "Conv1D":
+    if isinstance(module, Conv1D):
         return 1
     return None
 
@@ -76,13 +80,13 @@ def discover_qk_projections(model: torch.nn.Module) -> List[_Projection]:
     from transformers import PretrainedConfig
     from transformers.modeling_utils import AttentionInterface
 
-    from .patching import _patch_falcon
+    from .patching import _carry_spec_in_position_embeddings
 
     AttentionInterface.register(PROBE_IMPLEMENTATION, _probe_attention)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
     if model_type == "falcon":
-        _patch_falcon(model)  # its attention calls the configured attention function, the probe included
+        _carry_spec_in_position_embeddings(model)  # Falcon 5.0-5.24: its attention then calls the probe too
     configs = {id(m.config): m.config for m in model.modules()
                if isinstance(getattr(m, "config", None), PretrainedConfig)}
     saved_implementations = {key: c._attn_implementation_internal for key, c in configs.items()}
@@ -210,6 +214,12 @@ def _train_features(module: torch.nn.Module, name: str, trained: torch.Tensor) -
         if not parametrize.is_parametrized(module, tensor_name):
             parametrize.register_parametrization(
                 module, tensor_name, _FrozenFeatures(tensor, trained, axis if tensor_name == "weight" else 0))
+        else:  # split by an earlier trainable_qk: the same split again is a no-op, another one is refused
+            split = getattr(module.parametrizations, tensor_name)[0]
+            if not torch.equal(split.trained_index.cpu(), torch.nonzero(trained).flatten()):
+                raise ValueError(f"trainable_qk: {name}.{tensor_name} is already split into trained and frozen "
+                                 "features by an earlier call, and not as this model's query/key features are; "
+                                 "start from a freshly loaded model")
         original = getattr(module.parametrizations, tensor_name).original
         original.requires_grad_(True)
         params.append(original)
@@ -232,9 +242,14 @@ def trainable_qk(model: torch.nn.Module, lora=None) -> List[torch.nn.Parameter]:
 
     Raises:
         ValueError: no query/key projection found, the model cannot run on probe tokens, or a layer's query or
-        key states cannot be trained without moving its value states. Source: ABFT (arXiv 2505.14233) §3
+        key states cannot be trained without moving its value states; the model already carries peft adapters,
+        or lora is given for a model whose projections an earlier call split. Source: ABFT (arXiv 2505.14233) §3
         trains W_Q and W_K only.
+
+    A second call without lora on a model that an earlier call prepared (apply_trained_weights included) finds the
+    same projections and changes nothing but which parameters are trainable.
     """
+    _refuse_second_kind(model, lora)
     projections = discover_qk_projections(model)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -244,6 +259,75 @@ def trainable_qk(model: torch.nn.Module, lora=None) -> List[torch.nn.Parameter]:
     for projection in projections:
         trained += _train_features(projection.module, projection.name, projection.trained)
     return trained
+
+
+def _refuse_second_kind(model: torch.nn.Module, lora) -> None:
+    """Refuse what a second trainable_qk cannot do exactly: adapters on adapters, LoRA on split projections."""
+    if getattr(model, "peft_config", None):
+        raise ValueError(f"trainable_qk: the model already carries peft adapters ({sorted(model.peft_config)}), from "
+                         "an earlier trainable_qk(model, lora=...) or apply_trained_weights; they would be probed as "
+                         "projections of their own: start from a freshly loaded base model")
+    if lora is not None and _split_tensors(model):
+        raise ValueError(f"trainable_qk: lora={lora!r} on a model whose projections an earlier call split for "
+                         "full query/key training; start from a freshly loaded base model")
+
+
+def _split_tensors(model: torch.nn.Module) -> Dict[str, _FrozenFeatures]:
+    """{"<module>.<weight|bias>": its split} for every tensor that trainable_qk split into trained and frozen
+    features."""
+    found = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, parametrizations in module.parametrizations.items():
+                for parametrization in parametrizations:
+                    if isinstance(parametrization, _FrozenFeatures):
+                        found[f"{name}.{tensor_name}"] = parametrization
+    return found
+
+
+def _runs(index: torch.Tensor) -> List[List[int]]:
+    """Sorted indices as [start, stop) runs: [0, 1, 2, 5] -> [[0, 3], [5, 6]]."""
+    runs: List[List[int]] = []
+    for i in index.tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def trained_layout(model: torch.nn.Module) -> Dict[str, Any]:
+    """What trainable_qk made of `model`, as JSON, read from the model itself (not from the arguments it was given).
+
+    Args:
+        model: a model prepared by `trainable_qk` (or `training.apply_trained_weights`).
+
+    Returns:
+        {"lora_config": the peft LoraConfig of its adapters as peft writes it (r, lora_alpha, target_modules,
+        fan_in_fan_out, ...; sets as sorted lists), or None without adapters; "split": {"<module>.<weight|bias>":
+        [[start, stop], ...], the output features trained, for every tensor split into trained and frozen features}}.
+
+    Raises:
+        ValueError: the model carries several adapters or one that is not LoRA.
+    """
+    configs = getattr(model, "peft_config", None) or {}
+    if len(configs) > 1 or any(type(c).__name__ != "LoraConfig" for c in configs.values()):
+        raise ValueError(f"trained_layout: the model carries peft adapters {sorted(configs)} of types "
+                         f"{sorted(type(c).__name__ for c in configs.values())}; trainable_qk adds one LoRA adapter")
+    lora_config = None
+    for config in configs.values():
+        lora_config = {key: sorted(value) if isinstance(value, set) else value
+                       for key, value in config.to_dict().items()}
+        lora_config = json.loads(json.dumps(lora_config))  # enums (peft_type) as their values
+    split = {name: _runs(p.trained_index.cpu()) for name, p in sorted(_split_tensors(model).items())}
+    return {"lora_config": lora_config, "split": split}
+
+
+def lora_config_from_layout(lora_config: Dict[str, Any]):
+    """The peft LoraConfig recorded by `trained_layout` (its "lora_config"), to give to trainable_qk(lora=...)."""
+    from peft import LoraConfig
+
+    return LoraConfig.from_peft_type(**lora_config)
 
 
 def _train_lora(model, projections: List[_Projection], lora) -> List[torch.nn.Parameter]:
