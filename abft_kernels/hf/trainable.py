@@ -162,9 +162,16 @@ def _features_per_projection(model, model_type: str, calls, deltas) -> List[_Pro
 
 
 def _refuse_entangled(model_type: str, calls, projections: Dict[torch.nn.Module, _Projection]) -> None:
-    """A layer whose query or key features all feed its values too cannot train W_Q / W_K alone."""
+    """A layer whose query or key features all feed its values too cannot train W_Q / W_K alone, and a layer
+    whose query states come from no linear layer of its own (e.g. JetMoE's mixture of attention heads, whose
+    queries come from the experts' stacked weights) would never train W_Q."""
     for attention, *_ in calls:
         inside = [p for m, p in projections.items() if any(m is x for x in attention.modules())]
+        if not any(p.feeds["query"].any() for p in inside):
+            raise ValueError(
+                f"trainable_qk cannot train the query projection of {model_type}'s {type(attention).__name__}: its "
+                "query states come from no nn.Linear (or Conv1D) inside it (e.g. stacked expert weights), so "
+                "only its keys would be trained")
         for state in ("query", "key"):
             feeding = [p for p in inside if p.feeds[state].any()]
             if feeding and not any((p.feeds[state] & ~p.feeds["value"]).any() for p in feeding):
