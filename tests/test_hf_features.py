@@ -329,3 +329,11 @@ def _trained(model):
 def test_falcon_refused_on_transformers_4():
     with pytest.raises(ValueError, match="Falcon needs transformers 5"):
         apply_abft(tiny_model("falcon"))
+
+
+def test_trainable_qk_refuses_queries_from_stacked_expert_weights():
+    """JetMoE's mixture of attention heads computes its queries from experts.input_linear (stacked weights, no
+    nn.Linear): trainable_qk would train only the key half of kv_proj, so it refuses."""
+    jetmoe = hf_families.tiny_model("jetmoe")
+    with pytest.raises(ValueError, match="jetmoe's JetMoeAttention: its query states come from no nn.Linear"):
+        trainable_qk(jetmoe)
