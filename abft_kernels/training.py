@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -136,6 +136,32 @@ def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
     return CountCheck(start, min(counts), max(counts), end, band, within, collapsed, exploded, summary, warnings)
 
 
+def prompt_sums(info) -> Tuple[float, float]:
+    """(counted heads, gold-label mass) of a batch's `loss.ABFTLossInfo`, each summed over its prompts: a prompt's
+    counted heads as `info.counted_heads`, its gold mass averaged over layers, heads and rows. The per-step log and
+    the evaluation divide them by the number of prompts."""
+    per_prompt_gold = info.gold_mass.mean(dim=(0, 2, 3))  # [B]
+    return float(info.counted_heads.sum()), float(per_prompt_gold.sum())
+
+
+def icl_accuracy(prediction) -> Dict[str, float]:
+    """compute_metrics for ABFTTrainer: ICL accuracy of the read-out (paper, section 5: the argmax over the label
+    words' next-token logits at the query row), reported as eval_accuracy.
+
+    Args:
+        prediction: transformers.EvalPrediction from ABFTTrainer's evaluation: predictions float [P,R,C] (the label
+            tokens' logits at each query row), label_ids int [P,R] (the gold class; -1 or the Trainer's padding
+            -100 = no target).
+
+    Returns:
+        {"accuracy": correct / rows with a target} (0.0 when no row has a target).
+    """
+    logits, target = torch.as_tensor(prediction.predictions), torch.as_tensor(prediction.label_ids)
+    has_target = target >= 0
+    correct = (logits.argmax(-1) == target) & has_target
+    return {"accuracy": float(correct.sum()) / max(int(has_target.sum()), 1)}
+
+
 class ABFTController(TrainerCallback):
     """Collects what the loss saw over one optimiser step and updates A once per step.
 
@@ -155,9 +181,7 @@ class ABFTController(TrainerCallback):
         return self.pid.A
 
     def record(self, loss: torch.Tensor, info, num_prompts: int) -> None:
-        per_prompt_gold = info.gold_mass.mean(dim=(0, 2, 3))  # [B]
-        self._sums += torch.tensor([float(loss) * num_prompts, float(info.counted_heads.sum()),
-                                    float(per_prompt_gold.sum()), num_prompts], dtype=torch.float64)
+        self._sums += torch.tensor([float(loss) * num_prompts, *prompt_sums(info), num_prompts], dtype=torch.float64)
 
     def on_step_end(self, args, state, control, **kwargs):
         sums = self._sums.to(args.device)
@@ -211,9 +235,17 @@ class ABFTTrainer(Trainer):
     the step) and next_A into `state.log_history` (paper, Fig. 5); with objective "e2e", e2e_loss, counted_heads
     and gold_mass (no A: the controller does not apply).
 
+    Evaluation (`evaluate()`, `eval_strategy` with an `eval_dataset` of ICL prompts): eval_loss is the run's loss on
+    the eval prompts without gradient (ABFT's with A = settings.A0, fixed so that evaluations at different steps
+    compare the model, not the controller, which evaluation leaves untouched; with objective "e2e" the
+    cross-entropy), averaged over the prompts; eval_counted_heads and eval_gold_mass are per prompt as in the
+    training log. With `compute_metrics` (e.g. `icl_accuracy`, giving eval_accuracy) the predictions are the label
+    tokens' logits at the query rows [P,R,C] and the labels target_class [P,R]. `metric_for_best_model` can name any
+    of these; `load_best_model_at_end` copies the best checkpoint's trained tensors back into the model.
+
     Raises:
-        ValueError: the model has no trainable parameter; an unknown settings.controller; objective "e2e" without
-            label_token_ids.
+        ValueError: the model has no trainable parameter; an unknown settings.controller; objective "e2e", or
+            compute_metrics, without label_token_ids.
     """
 
     loss_is_scaled_for_ga = False  # abft_loss is a per-batch mean: the Trainer divides by the accumulation
@@ -223,11 +255,15 @@ class ABFTTrainer(Trainer):
                  **kwargs):
         if settings.objective == "e2e" and label_token_ids is None:
             raise ValueError("objective 'e2e' needs label_token_ids (the read-out tokens, builder.label_token_ids)")
+        if kwargs.get("compute_metrics") is not None and label_token_ids is None:
+            raise ValueError("compute_metrics needs label_token_ids: its predictions are the label tokens' logits at "
+                             "the query rows (builder.label_token_ids)")
         super().__init__(*args, **kwargs)
         self.num_classes = num_classes
         self.settings = settings
         self.run_info = dict(run_info or {})
         self.label_token_ids = label_token_ids
+        self._eval_sums = torch.zeros(3, dtype=torch.float64)  # prediction_step's sums, reset by evaluation_loop
         if settings.objective == "e2e":
             self.controller = ABFTController(None, loss_name="e2e_loss")
         else:
@@ -240,15 +276,53 @@ class ABFTTrainer(Trainer):
         if not self.trained_names:
             raise ValueError("the model has no trainable parameters: call abft_kernels.hf.trainable_qk(model) first")
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _forward(self, model, inputs, A: Optional[float] = None, read_out: bool = False):
+        """(outputs, loss, info) of the run's objective, ABFT's with A (None: the controller's); read_out: logits at
+        the query rows (else at the last position)."""
         if self.settings.objective == "e2e":
-            outputs, loss, info = e2e_forward(model, inputs, self.num_classes, self.label_token_ids)
-        else:
-            outputs, loss, info = abft_forward(model, inputs, self.num_classes, A=self.controller.A,
-                                               B=self.settings.B, count_all_heads=self.settings.count_all_heads)
+            return e2e_forward(model, inputs, self.num_classes, self.label_token_ids)
+        rows = inputs["query_rows"].clamp(min=0) if read_out else 1  # an empty slot (-1) has no target
+        return abft_forward(model, inputs, self.num_classes, A=self.controller.A if A is None else A,
+                            B=self.settings.B, count_all_heads=self.settings.count_all_heads, logits_to_keep=rows)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs, loss, info = self._forward(model, inputs)
         if model.training:
             self.controller.record(loss.detach(), info, inputs["input_ids"].shape[0])
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """One eval batch without gradient: (loss, label logits float32 [B,R,C] or None, target_class [B,R] or
+        None); adds the batch's counted heads and gold mass to the evaluation's sums (see evaluation_loop)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs, loss, info = self._forward(model, inputs, self.settings.A0, read_out=not prediction_loss_only)
+        self._eval_sums += torch.tensor([*prompt_sums(info), inputs["input_ids"].shape[0]], dtype=torch.float64)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        label_ids = torch.as_tensor(list(self.label_token_ids), device=outputs.logits.device)
+        return loss.detach(), outputs.logits[..., label_ids].float(), inputs["target_class"]
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's loop (eval_loss, compute_metrics), plus <prefix>_counted_heads and <prefix>_gold_mass per
+        prompt, summed over every process."""
+        self._eval_sums = torch.zeros(3, dtype=torch.float64)  # counted heads, gold mass, prompts
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        sums = self._eval_sums.to(self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        heads, gold, prompts = sums.tolist()
+        if prompts:
+            output.metrics[f"{metric_key_prefix}_counted_heads"] = heads / prompts
+            output.metrics[f"{metric_key_prefix}_gold_mass"] = gold / prompts
+        return output
+
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end: the best checkpoint holds only the trained tensors (`_save`); copy them back.
+        The controller keeps its state (it steers training, which has ended)."""
+        load_trained_weights(self.model, self.state.best_model_checkpoint)
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs and self.controller.last:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .backends import BackendChoice, choose_backend
+from .sdpa import autocast_inputs
 from .validation import validate_label_attention_args
 
 
@@ -52,8 +53,14 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
             P_sink[i] = exp(sinks[h]) / (exp(sinks[h]) + sum_j exp(S[i, j])) and
             Delta[i] = sum_d dO[i, d]·out[i, d] + sum_c dmass[i, c]·mass[i, c].
 
+    Mixed precision: inside `torch.autocast(device_type, dtype)` for q's device type, q, k and v are cast to `dtype`
+    first (float64 ones stay), as torch's scaled_dot_product_attention casts them (it is on autocast's
+    lower-precision op list; a float32 model under autocast hands over float32 q and k, as the rotary embedding
+    promotes them, and a `dtype` v), and the backend then runs with autocast off: out is in `dtype`, the masses stay
+    float32, equal to a call on the cast inputs outside autocast.
+
     Returns:
-        out: [B, Hq, N, Dv] in q's dtype.
+        out: [B, Hq, N, Dv] in q's dtype (the autocast dtype under torch.autocast).
         mass: float32 [B, Hq, R, C]: mass[b, h, r, c] is the probability that row query_rows[b, r] of head h puts
             on keys of class c. Rows that see no key and empty slots give zeros. Differentiable w.r.t. q and k
             and sinks (and out w.r.t. q, k, v and sinks) on every backend.
@@ -67,10 +74,12 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
     _check_values (private): False skips the checks that read tensor contents (one host sync), for
     abft_kernels.hf, which checks a LabelSpec's values once per model call instead of once per layer.
     """
+    q, k, v, context = autocast_inputs(q, k, v)
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
                                          key_padding_mask, sinks, check_values=_check_values)
     module, _ = choose_backend(backend, args)
-    return module.label_attention(args)
+    with context:
+        return module.label_attention(args)
 
 
 def resolve_backend(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,
@@ -86,6 +95,7 @@ def resolve_backend(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
     Raises:
         ValueError: as label_attention.
     """
+    q, k, v, _ = autocast_inputs(q, k, v)
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
                                          key_padding_mask, sinks)
     return choose_backend(backend, args)[1]

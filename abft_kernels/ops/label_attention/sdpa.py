@@ -9,6 +9,7 @@ causal mask) give zeros, not NaN.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -57,13 +58,44 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: LabelAt
     return out[..., :value_dim]
 
 
+def autocast_inputs(q, k, v):
+    """q, k and v as torch's scaled_dot_product_attention takes them under torch.autocast, and the context to
+    compute in.
+
+    SDPA is on autocast's lower-precision op list: inside `torch.autocast(device_type, dtype)` it casts its float16,
+    bfloat16 and float32 inputs to `dtype` (float64 ones stay), so a float32 model under autocast runs its attention
+    in `dtype` although the rotary embedding hands it q and k in float32 and v in `dtype`. label_attention and
+    attention_output do the same and then compute with autocast off, so that what a backend computes in float32 (the
+    masses, the sink logits) stays float32 instead of being recast to `dtype` by autocast's matmuls.
+
+    Args:
+        q, k, v: the attention's inputs (anything that is not a tensor is returned as is, for validation to name).
+
+    Returns:
+        (q, k, v, context): the inputs, cast when autocast is on for q's device type, and
+        `torch.autocast(device_type, enabled=False)` then, else a context that changes nothing.
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return q, k, v, contextlib.nullcontext()
+    device_type = q.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return q, k, v, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    q, k, v = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+    return q, k, v, torch.autocast(device_type, enabled=False)
+
+
 def attention_output(args: LabelAttentionArgs) -> torch.Tensor:
     """The attention output [B,Hq,N,Dv] of args (no masses): masked_sdpa, with args.sinks as a virtual key
-    (sink_key.py). O(B·H·N) memory with or without padding and sinks."""
-    if args.sinks is None:
-        return masked_sdpa(args.q, args.k, args.v, args)
-    with_sink = with_sink_key(args)
-    return drop_sink_position(masked_sdpa(with_sink.q, with_sink.k, with_sink.v, with_sink))
+    (sink_key.py). O(B·H·N) memory with or without padding and sinks. Under torch.autocast q, k and v are cast
+    as SDPA casts them (autocast_inputs): the output is then in the autocast dtype."""
+    q, k, v, context = autocast_inputs(args.q, args.k, args.v)
+    args = dataclasses.replace(args, q=q, k=k, v=v)
+    with context:
+        if args.sinks is None:
+            return masked_sdpa(args.q, args.k, args.v, args)
+        with_sink = with_sink_key(args)
+        return drop_sink_position(masked_sdpa(with_sink.q, with_sink.k, with_sink.v, with_sink))
 
 
 def _row_chunks(q: torch.Tensor):
