@@ -223,6 +223,8 @@ def test_trainer_bf16_step_matches_eager_under_autocast(icl, tmp_path):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = make_trainer(model, tokenizer, builder, train[:4], tmp_path, bf16=True,
                            settings=replace(PAPER, count_all_heads=True))
+    evaluated = trainer.evaluate(train[:4])["eval_loss"]  # before the step, under the same autocast
+    assert evaluated == pytest.approx(float(expected), rel=BF16_TOLERANCE)
     trainer.train()
     log = trainer.state.log_history[0]
     assert math.isfinite(log["loss"]) and log["abft_loss"] == pytest.approx(float(expected), rel=BF16_TOLERANCE)
