@@ -137,8 +137,10 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except ValueError as error:
             raise ValueError(f"--model {gguf}: transformers cannot convert this GGUF: {error}") from error
-        # The weights are already dequantized to float32; drop the GGUF marker so the model saves normally.
-        model.hf_quantizer.remove_quantization_config(model)
+        # The weights are already dequantized to float32; drop the GGUF marker so the model saves normally
+        # (transformers 5 keeps a GGUF quantizer on the model; 4.x loads a GGUF as a plain model).
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
