@@ -9,7 +9,8 @@ is skipped with the reason, and every stage keeps the minimum of the later reser
   tests        tests/test_cuda_extension.py, test_torch_backend.py, test_triton.py natively, a time limit per test;
   model        the Llama-3-8B ABFT training step, `... --preset gpu-headline --levels model --resume`;
   flex         FlexAttention on the headline shapes, with whatever time is left;
-then issue 11's goals (benchmarks/goals.py) and a short table, printed last.
+then issue 11's goals (benchmarks/goals.py), issue 25's (the fused Triton kernel against SDPA in the same run:
+R = N forward and forward + backward, R = 1, R = N/64, the masses' error; fused_goals) and a short table, last.
 
 Everything lands in --out, at most 8 files, rewritten as the stages go so that a killed call keeps what it did:
 session.log (the terminal output; written by the shell script), session.json (stages, test outcomes, goals,
@@ -323,6 +324,77 @@ STAGES = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Issue 25's goals (the fused Triton kernel at Hopper speed), scored on the same run's rows (preset gpu-headline: rows
+# "all" R = N, "last" R = 1, "demos" R = N/64, modes fwd and fwd+bwd), each as ratios against sdpa in that run.
+
+FUSED_MASS_TOL = 1e-5  # the masses' relative error against the fp32 recompute (benchmarks/kernel_level.py)
+
+
+def _ratio_checks(kernel: list, rows: str, mode: str, measure: str, goal_at) -> list:
+    """(N, met or None, text) per N: triton against sdpa on (rows, mode); measure "tflops" (higher is better, goal:
+    ratio >= goal_at(N)) or "median_ms" (lower is better, goal: ratio <= goal_at(N))."""
+    checks = []
+    for n in goals_module._seq_lens(kernel, rows=rows, mode=mode):
+        sdpa, triton = (goals_module._find(kernel, m, rows=rows, mode=mode, seq_len=n) for m in ("sdpa", "triton"))
+        missing = [goals_module._why_not(r, m) for r, m in ((sdpa, "sdpa"), (triton, "triton"))
+                   if not goals_module._ok(r)]
+        if missing:
+            checks.append((n, None, "; ".join(missing)))
+            continue
+        ratio, bound = triton[measure] / sdpa[measure], goal_at(n)
+        unit = "TFLOP/s" if measure == "tflops" else "ms"
+        met = ratio >= bound if measure == "tflops" else ratio <= bound
+        checks.append((n, met, f"triton {triton[measure]:.3g} vs sdpa {sdpa[measure]:.3g} {unit} = {ratio:.2f}x "
+                               f"(goal {'>=' if measure == 'tflops' else '<='} {bound:.2f}x)"))
+    return checks
+
+
+def fused_mass_error(kernel: list) -> dict:
+    checks = []
+    for n in goals_module._seq_lens(kernel, method="triton", mode="fwd"):
+        errors = [(r["rows"], r["mass_rel_err"]) for r in kernel if r["method"] == "triton" and r["mode"] == "fwd"
+                  and r["seq_len"] == n and goals_module._ok(r) and r.get("mass_rel_err") is not None]
+        if not errors:
+            checks.append((n, None, "no triton forward row with a mass error"))
+            continue
+        worst_rows, worst = max(errors, key=lambda e: e[1])
+        checks.append((n, worst < FUSED_MASS_TOL, f"worst triton mass rel. err. {worst:.2g} (rows {worst_rows}; "
+                                                  f"goal < {FUSED_MASS_TOL:g})"))
+    return goals_module._verdict("triton masses within 1e-5 relative of the fp32 recompute", checks)
+
+
+def demos_regime(kernel: list) -> dict:
+    """R = N/64 forward + backward: triton and torch against sdpa, the numbers that place the boundary between auto's
+    few-rows and many-rows regimes (no threshold: met when measured)."""
+    checks = []
+    for n in goals_module._seq_lens(kernel, rows="demos", mode="fwd+bwd"):
+        sdpa = goals_module._find(kernel, "sdpa", rows="demos", mode="fwd+bwd", seq_len=n)
+        ours = {m: goals_module._find(kernel, m, rows="demos", mode="fwd+bwd", seq_len=n) for m in ("triton", "torch")}
+        if not goals_module._ok(sdpa) or not any(goals_module._ok(r) for r in ours.values()):
+            why = [goals_module._why_not(r, m) for m, r in {"sdpa": sdpa, **ours}.items() if not goals_module._ok(r)]
+            checks.append((n, None, "; ".join(why)))
+            continue
+        parts = [f"{m} {r['median_ms'] / sdpa['median_ms']:.2f}x" for m, r in ours.items() if goals_module._ok(r)]
+        checks.append((n, True, "vs sdpa: " + ", ".join(parts) + f" (sdpa {sdpa['median_ms']:.3g} ms)"))
+    return goals_module._verdict("R=N/64 fwd+bwd: triton and torch against sdpa (the regime boundary)", checks)
+
+
+def fused_goals(results: dict) -> list:
+    """Issue 25's goals, each {"goal", "status", "details"} as in benchmarks/goals.py."""
+    kernel = results.get("kernel", [])
+    return [
+        goals_module._verdict("R=N fwd: triton >= 0.7x sdpa TFLOP/s",
+                              _ratio_checks(kernel, "all", "fwd", "tflops", lambda n: 0.7)),
+        goals_module.rn_triton_vs_onehot(kernel),
+        goals_module._verdict("R=N fwd+bwd: triton >= 0.6x sdpa TFLOP/s",
+                              _ratio_checks(kernel, "all", "fwd+bwd", "tflops", lambda n: 0.6)),
+        goals_module._verdict("R=1 fwd+bwd: triton <= 1.3x sdpa's time at N=2048, <= 1.1x from N=8192",
+                              _ratio_checks(kernel, "last", "fwd+bwd", "median_ms",
+                                            lambda n: 1.3 if n < 8192 else 1.1)),
+        fused_mass_error(kernel),
+        demos_regime(kernel),
+    ]
+
 
 def _load_results(session: Session) -> Optional[dict]:
     path = session.out / f"{RESULTS}.json"
@@ -333,10 +405,12 @@ def update_results(session: Session) -> Optional[dict]:
     """Goals into session.json; goals and the stages into gpu-headline.json and .md (when the runner wrote one)."""
     results = _load_results(session)
     session.record["goals"] = goals_module.evaluate(results or {})
+    session.record["fused_goals"] = fused_goals(results or {})
     session.write()
     if results is None:
         return None
     results["goals"] = session.record["goals"]
+    results["fused_goals"] = session.record["fused_goals"]
     results["session"] = {k: session.record.get(k) for k in ("command", "started", "budget_s", "stages")}
     results["session"]["tests"] = {k: (session.record["tests"] or {}).get(k) for k in ("counts", "failed")}
     report.write_json(results, session.out)
@@ -349,6 +423,7 @@ def markdown(session: Session, results: dict) -> str:
     lines = [f"# GPU session: {results['environment']['device']}{rehearsal}", "",
              f"`{session.record['command']}` started {session.record['started']}, budget {session.budget_s:g} s.",
              "", "## Goals (issue 11)", "", goals_module.markdown(session.record["goals"]), "",
+             "## Goals (issue 25, the fused kernel)", "", goals_module.markdown(session.record["fused_goals"]), "",
              "## Stages", "", "| stage | budget s | used s | status | note |", "|---|---|---|---|---|"]
     for s in session.record["stages"]:
         note = s["note"].replace("\n", "<br>").replace("|", "\\|")
@@ -431,7 +506,9 @@ def main(argv=None) -> int:
     if summary:
         print("\n" + summary)
     rehearsal = " (a rehearsal on CPU: tiny shapes, the numbers mean nothing)" if session.rehearse else ""
-    print(f"\nGoals (issue 11){rehearsal}:\n" + goals_module.text(session.record["goals"]), flush=True)
+    print(f"\nGoals (issue 11){rehearsal}:\n" + goals_module.text(session.record["goals"]))
+    print(f"\nGoals (issue 25, the fused kernel){rehearsal}:\n" + goals_module.text(session.record["fused_goals"]),
+          flush=True)
     return 0
 
 
