@@ -47,7 +47,8 @@ class DataSettings:
     """
 
     model: Optional[str] = field(default=None, metadata=_help(
-        "HF model path or name (default: the built-in SmolLM2-135M-Instruct GGUF)"))
+        "a packaged model (smollm2-135m-instruct, the default; gemma3-270m; qwen2.5-coder-0.5b-instruct), a .gguf "
+        "file (converted once into the cache), or an HF model path or name"))
     load_in_4bit: bool = field(default=False, metadata=_help(
         "load the model 4-bit quantized (bitsandbytes NF4, bf16 compute; needs bitsandbytes and a CUDA GPU), the "
         "paper's regime for models above 10B; training then needs --lora (the paper: --lora 16 --lr 1e-4)"))
