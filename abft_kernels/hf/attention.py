@@ -11,11 +11,17 @@ function then runs one of two paths:
   [B, Hq, R, C]; the masses come back as the layer's attention weights (`outputs.attentions` under
   `output_attentions=True`) with autograd intact.
 
+Both paths take packed batches (documents given as flash attention's cu_seq_lens_q/k keywords, or by position ids
+that restart, which model_call turns into those keywords): each document runs alone, on its own slice of the
+queries, keys, values and labels, on any backend. Chunked attention (Llama 4's attention_chunk_size) whose chunk
+borders fall among the positions of a call (a long prompt, or cached decoding past the first chunk) gets
+transformers' own 4-D mask on the plain path and is refused with labels.
+
 What the attention function cannot compute exactly is refused with a ValueError naming the model type.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -23,9 +29,9 @@ from ..ops.label_attention import label_attention
 from ..ops.label_attention.sdpa import attention_output
 from ..ops.label_attention.validation import LabelAttentionArgs
 from .label_spec import LabelSpec
-from .model_call import MaskKinds, current_call
+from .model_call import (ATTN_IMPLEMENTATION, DOCUMENT_KWARGS, Document, MaskKinds, ModelCall, current_call,
+                         documents_from_boundaries)
 
-ATTN_IMPLEMENTATION = "abft"
 # Keywords of transformers' attention functions that change the attention math when not None.
 _UNSUPPORTED_KEYWORDS = {
     "softcap": "attention logit soft-capping (e.g. Gemma2's attn_logit_softcapping: load the model with "
@@ -42,21 +48,27 @@ def _model_type(module: torch.nn.Module) -> str:
 
 
 def abft_mask_function(attention_mask: Optional[torch.Tensor] = None, kv_length: Optional[int] = None,
-                       mask_function: Optional[Callable] = None, **_):
+                       mask_function: Optional[Callable] = None, kv_offset: int = 0, **kwargs):
     """Mask function: bool [B, kv_length] (True = real token) of the last kv_length positions, or None when
-    nothing is padded.
+    nothing is padded; for chunked attention whose chunk borders fall among the positions, transformers' own
+    4-D sdpa mask (bool [B, 1, q_length, kv_length], or None where SDPA's causal flag is exact).
 
-    The attention function rebuilds causality and sliding windows itself, so the mask function checks that
-    transformers' `mask_function` asks for nothing else (ValueError for chunked attention shorter than the
-    keys, packed sequences, bidirectional blocks or any other mask function) and records what it asks for in
-    the model call. Whether anything is padded was read in the model call's one host sync
-    (model_call.enter_call); outside a model call it is read here. A mask shorter than kv_length (a static
-    cache) is returned as is; the attention function refuses it.
+    The attention function rebuilds causality, sliding windows and packed documents itself, so the mask function
+    checks that transformers' `mask_function` asks for nothing else (ValueError for bidirectional blocks, a union
+    of masks or any other mask function) and records what it asks for in the model call. Whether anything is
+    padded was read in the model call's one host sync (model_call.enter_call); outside a model call it is read
+    here. A mask shorter than kv_length (a static cache) is returned as is; the attention function refuses it.
+    Arguments are those transformers' mask interface passes (see transformers.masking_utils.sdpa_mask).
     """
     call = current_call.get()
     if mask_function is not None and kv_length is not None:
         kinds = call.mask_kinds if call is not None else MaskKinds()
-        _read_mask_function(mask_function, kv_length, kinds)
+        # Positions 0 .. kv_offset + kv_length - 1 (queries included) are all a chunk can cover.
+        if _read_mask_function(mask_function, kv_offset + kv_length, kinds, call):
+            from transformers.masking_utils import sdpa_mask
+
+            return sdpa_mask(attention_mask=attention_mask, kv_length=kv_length, mask_function=mask_function,
+                             kv_offset=kv_offset, **kwargs)
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()
@@ -70,8 +82,11 @@ def abft_mask_function(attention_mask: Optional[torch.Tensor] = None, kv_length:
     return None if padding_free else attention_mask
 
 
-def _read_mask_function(mask_function: Callable, kv_length: int, kinds: MaskKinds, window: Optional[int] = None):
-    """Walk a mask function composed from transformers' masking_utils pieces into `kinds`."""
+def _read_mask_function(mask_function: Callable, positions: int, kinds: MaskKinds, call: Optional[ModelCall],
+                        window: Optional[int] = None) -> bool:
+    """Walk a mask function composed from transformers' masking_utils pieces into `kinds`. Returns whether it
+    holds chunked attention whose chunks are shorter than `positions` (the number of positions the mask covers,
+    from 0), which the 2-D mask cannot carry."""
     from transformers import masking_utils as mu
 
     name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
@@ -84,21 +99,32 @@ def _read_mask_function(mask_function: Callable, kv_length: int, kinds: MaskKind
         windows = [_free_variables(f)["sliding_window"] for f in free["mask_functions"]
                    if getattr(f, "__qualname__", "").startswith("sliding_window_overlay.")]
         window = min(windows + ([window] if window is not None else [])) if windows else window
-        for f in free["mask_functions"]:
-            _read_mask_function(f, kv_length, kinds, window)
+        return any([_read_mask_function(f, positions, kinds, call, window) for f in free["mask_functions"]])
+    elif name.startswith("remap_positions_for_packed_sequence."):
+        return _read_mask_function(free["mask_function"], positions, kinds, call, window)  # positions per document
     elif name.startswith("sliding_window_overlay."):
         pass  # read by the enclosing and_masks
-    elif name.startswith("chunked_overlay.") and free.get("chunk_size", 0) >= kv_length:
-        pass  # a chunk as long as the keys changes nothing
+    elif name.startswith("chunked_overlay."):
+        if free["chunk_size"] < positions:
+            kinds.chunks.add(free["chunk_size"])
+            return True
+        # a chunk at least as long as the positions changes nothing
     elif name.startswith("padding_mask_function."):
         pass  # the 2-D padding mask carries it
+    elif name.startswith("packed_sequence_mask_function."):
+        # Documents numbered from the position ids, which the model call read and passes on as cu_seq_lens_q/k
+        # (transformers 4.57 numbers every call with position ids, all 0 when nothing is packed).
+        if (call is None or call.cu_seq_lens_values is None) and bool(free["packed_sequence_mask"][:, -1].any()):
+            raise ValueError("attn_implementation='abft' got packed sequences whose position ids the model call did "
+                             "not see: pass position_ids (or cu_seq_lens_q/k) to the model call")
     else:
-        what = {"chunked_overlay": "chunked attention shorter than the sequence",
-                "packed_sequence_mask_function": "packed sequences", "blockwise_overlay": "bidirectional blocks",
+        what = {"blockwise_overlay": "bidirectional blocks",
                 "or_masks": "a union of masks (e.g. bidirectional attention over some tokens)"}
         reason = next((v for k, v in what.items() if name.startswith(k + ".")), f"the mask function {name}")
         raise ValueError(f"attn_implementation='abft' does not support {reason}: it computes causal attention with "
-                         "key padding and sliding windows only; use attn_implementation='eager'")
+                         "key padding, sliding windows, chunks and packed documents only; use "
+                         "attn_implementation='eager'")
+    return False
 
 
 def _free_variables(function: Callable) -> dict:
@@ -132,21 +158,117 @@ def abft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             f"attn_implementation='abft' got a padding mask over {attention_mask.shape[1]} keys for {kv_len} keys: "
             "static caches are not supported, use the default DynamicCache")
 
+    documents = _packed_documents(module, query, key, attention_mask, kwargs, call)
     if abft is None:
         if call is not None and call.spec is not None:
             raise ValueError(
                 f"abft= did not reach {type(module).__name__} ({_model_type(module)}): a layer of this model drops "
                 "the keywords that the model call passes to its attention, so its masses cannot be returned")
-        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window, sinks)
-    _check_label_call(abft, q_len, kv_len, attention_mask, window, dropout)
+        if documents is None:
+            return _plain_attention(module, query, key, value, attention_mask, scaling, dropout, causal, window, sinks)
+        return _plain_attention_by_document(documents, module, query, key, value, scaling, dropout, causal,
+                                            sliding_window, sinks)
+    if call is not None and call.mask_kinds.chunks:
+        chunk = min(call.mask_kinds.chunks)
+        raise ValueError(f"abft= does not support chunked attention (attention_chunk_size={chunk}) over more positions "
+                         f"than one chunk ({kv_len} keys): shorten the prompts to {chunk} tokens or raise the config's "
+                         "attention_chunk_size")
     if call is not None and call.spec is abft:
         call.masses_without_grad |= call.grad_enabled and not torch.is_grad_enabled()
-    out, mass = label_attention(query, key, value, abft.key_class, abft.num_classes, query_rows=abft.query_rows,
-                                causal=causal, scale=scaling, key_padding_mask=attention_mask, backend=abft.backend,
-                                sinks=sinks, _check_values=not abft.values_checked)
+    if documents is None:
+        _check_label_call(abft, q_len, kv_len, attention_mask, window, dropout)
+        out, mass = label_attention(query, key, value, abft.key_class, abft.num_classes, query_rows=abft.query_rows,
+                                    causal=causal, scale=scaling, key_padding_mask=attention_mask,
+                                    backend=abft.backend, sinks=sinks, _check_values=not abft.values_checked)
+    else:
+        _check_label_call(abft, q_len, kv_len, None, None, dropout)  # the windows are checked per document
+        out, mass = _label_attention_by_document(documents, query, key, value, abft, causal, scaling, sliding_window,
+                                                 sinks)
     if call is not None and call.spec is abft:
         call.masses.append(mass)
     return out.transpose(1, 2).contiguous(), mass
+
+
+def _packed_documents(module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs,
+                      call: Optional[ModelCall]) -> Optional[Tuple[Document, ...]]:
+    """The documents of a packed batch (cu_seq_lens_q/k keywords: cumulative lengths over the flattened [B x N]
+    tokens), or None when the batch is not packed. Their values were read once by the model call; outside one
+    (gradient checkpointing's recompute, a direct call) they are read here."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None:
+        if call is not None and call.cu_seq_lens is not None:
+            raise ValueError(
+                f"the packed documents (cu_seq_lens_q/k) did not reach {type(module).__name__} "
+                f"({_model_type(module)}): a layer of this model drops the keywords that the model call passes to "
+                "its attention, so it would attend across documents; pad the sequences into a batch instead")
+        return None
+    if call is not None and cu_seq_lens is call.cu_seq_lens:
+        values = call.cu_seq_lens_values
+    else:
+        both = [torch.as_tensor(kwargs.get(name, cu_seq_lens)).reshape(-1) for name in DOCUMENT_KWARGS]
+        read = torch.cat(both).tolist()  # one host sync
+        values, key_values = read[:both[0].numel()], read[both[0].numel():]
+        if values != key_values:
+            raise ValueError("attn_implementation='abft' supports packed sequences whose cu_seq_lens_q and "
+                             f"cu_seq_lens_k are equal (no cached keys), got {values} and {key_values}")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"attn_implementation='abft' cannot run packed sequences (cu_seq_lens_q/k) with cached keys "
+                         f"({query.shape[2]} queries over {key.shape[2]} keys): call the model without past key values")
+    if attention_mask is not None:
+        chunks = call.mask_kinds.chunks if call is not None else set()
+        if chunks:
+            what = f"chunked attention (attention_chunk_size={min(chunks)}) shorter than the row ({key.shape[2]})"
+        elif attention_mask.dim() == 2:
+            what = "an attention_mask that pads (pack the sequences or pad them, not both)"
+        else:  # e.g. transformers 4.57's OPT and BioGPT build their own
+            what = f"the {attention_mask.dim()}-D attention mask that {_model_type(module)} builds itself"
+        raise ValueError(f"attn_implementation='abft' cannot run packed sequences (cu_seq_lens_q/k) with {what}: "
+                         "run the documents as a padded batch")
+    return documents_from_boundaries(values, query.shape[0], query.shape[2])
+
+
+def _document_window(sliding_window: Optional[int], length: int) -> Optional[int]:
+    return sliding_window if sliding_window is not None and length > sliding_window else None
+
+
+def _plain_attention_by_document(documents, module, query, key, value, scaling, dropout, causal, sliding_window,
+                                 sinks):
+    """_plain_attention on each document alone: out [B, N, Hq, Dv], None."""
+    rows: List[List[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    for row, start, end in documents:
+        part = (slice(row, row + 1), slice(None), slice(start, end))
+        out, _ = _plain_attention(module, query[part], key[part], value[part], None, scaling, dropout, causal,
+                                  _document_window(sliding_window, end - start), sinks)
+        rows[row].append(out)
+    return torch.cat([torch.cat(parts, dim=1) for parts in rows]), None
+
+
+def _label_attention_by_document(documents, query, key, value, abft: LabelSpec, causal: bool, scaling,
+                                 sliding_window, sinks):
+    """label_attention on each document alone, its labels and query rows restricted to the document (a row of
+    another document is an empty slot there, mass 0): out [B, Hq, N, Dv], mass [B, Hq, R, C]."""
+    batch, seq_len = query.shape[0], query.shape[2]
+    if tuple(abft.key_class.shape) != (batch, seq_len):
+        raise ValueError(f"key_class must have shape [B, N] = [{batch}, {seq_len}] like the packed input, got "
+                         f"{tuple(abft.key_class.shape)}")
+    outs: List[List[torch.Tensor]] = [[] for _ in range(batch)]
+    masses: List[List[torch.Tensor]] = [[] for _ in range(batch)]
+    for row, start, end in documents:
+        _check_label_call(abft, end - start, end - start, None, _document_window(sliding_window, end - start), 0.0)
+        rows = None
+        if abft.query_rows is not None:
+            rows = abft.query_rows[row:row + 1]
+            rows = torch.where((rows >= start) & (rows < end), rows - start, -1)
+        part = (slice(row, row + 1), slice(None), slice(start, end))
+        out, mass = label_attention(query[part], key[part], value[part], abft.key_class[row:row + 1, start:end],
+                                    abft.num_classes, query_rows=rows, causal=causal, scale=scaling,
+                                    backend=abft.backend, sinks=sinks, _check_values=not abft.values_checked)
+        outs[row].append(out)
+        masses[row].append(mass)
+    out = torch.cat([torch.cat(parts, dim=2) for parts in outs])
+    if abft.query_rows is None:  # every row: the documents' rows in order
+        return out, torch.cat([torch.cat(parts, dim=2) for parts in masses])
+    return out, torch.cat([torch.stack(parts).sum(0) for parts in masses])  # each slot's mass is one document's
 
 
 def _check_against_masks(module, causal: bool, window: Optional[int], q_len: int, kv_len: int,
