@@ -367,7 +367,8 @@ def _attention_with_sinks(module, query, key, value, visible, scaling, dropout, 
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~visible, torch.finfo(query.dtype).min)
+    scores = query @ key.transpose(-1, -2) * scale  # in the autocast dtype under autocast, as eager computes it
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1].to(value.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
