@@ -84,7 +84,7 @@ def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class,
               key_padding_mask=None, causal: bool = True, count_all_heads: bool = False):
     """ABFT loss summed over layers and heads, averaged over the (sample, row) pairs with a target.
 
-    Source: arXiv 2505.14233, §3 (induction-head filter and the loss of a counted head); design.md §1. For each
+    Source: arXiv 2505.14233, §3 (induction-head filter and the loss of a counted head); docs/design.md §1. For each
     (layer l, sample b, head h, row r) with gold class y = target_class[b, r]::
 
         S   = sum_c mass[c]                    mass on every visible label token

@@ -120,8 +120,8 @@ class ABFTSettings(DataSettings):
 
 
 PAPER = ABFTSettings()
-# `abft demo`: fits 15 minutes on 2 CPU cores (README, "ABFT end to end"); how these were chosen is there.
-# The demo keeps the prompt style its settings were measured with (README, "ABFT end to end").
+# `abft demo`: fits 15 minutes on 2 CPU cores (docs/recipes.md); how these were chosen: docs/results.md.
+# The demo keeps the prompt style its settings were measured with (docs/recipes.md).
 DEMO = replace(PAPER, prompt_style="space-on-label", lr=2e-4, steps=16, prompts_per_step=16, train_prompts=256, eval_prompts=200, max_chars=160)
 # `abft demo --quick`: a smoke run (CI).
 QUICK = replace(DEMO, steps=2, prompts_per_step=4, micro_batch=4, train_prompts=8, eval_prompts=16, max_chars=100)

@@ -129,7 +129,7 @@ def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
     if collapsed:
         warnings.append(f"the counted heads collapsed: {end:.1f} per prompt at the last step, below a quarter of "
                         f"the start ({start:.1f}); the loss lost its heads, so 'after' may show no gain "
-                        f"(README, 'ABFT end to end': lower --lr)")
+                        f"(docs/results.md, 'abft demo': lower --lr)")
     if exploded:
         warnings.append(f"the counted heads exploded: {end:.1f} per prompt at the last step, above {COUNT_GUARD:g} x "
                         f"the start ({start:.1f}); the controller did not hold the count (lower --lr)")

@@ -312,6 +312,6 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"total {total:.0f} s" + (f" (of which {conversion_seconds:.0f} s converting the GGUF)" if converted else ""))
     error = standard_error_points(after.accuracy, after.num_prompts)
     print(f"note: one run on {after.num_prompts} held-out prompts has a standard error of about {error:.1f} points "
-          f"per accuracy; compare seeds (--seed) before reading a gain (README, \"ABFT end to end\").")
+          f"per accuracy; compare seeds (--seed) before reading a gain (docs/results.md).")
     for warning in sections["warnings"]:
         print(f"WARNING: {warning}")

@@ -1,4 +1,4 @@
-// Label masses of R selected query rows and their gradient: the decoupled path of design.md §2.
+// Label masses of R selected query rows and their gradient: the decoupled path of docs/design.md §2.
 //
 // For query row i = query_rows[b, r] of head h, with the keys j it sees (j < N, key_padding_mask[b, j],
 // and j <= i when causal):  P[j] = softmax_j(scale · q[b,h,i] · k[b,h/G,j]) and

@@ -6,7 +6,7 @@ activations live at a time. One prompt per forward pass, gradient accumulation u
 
     python python/long_context.py --model meta-llama/Llama-3.1-8B --dataset sst2 --k 64 --lora 16 --bf16
     python python/long_context.py --k 24 --steps 2 --prompts-per-step 2 --eval-prompts 8   # CPU smoke run
-    # the measured CPU run of the README (built-in SmolLM2-135M, rt-sentiment, prompts of about 4k tokens):
+    # the measured CPU run of docs/results.md (built-in SmolLM2-135M, rt-sentiment, prompts of about 4k tokens):
     python python/long_context.py --k 128 --steps 4 --prompts-per-step 2 --eval-prompts 16 --threads 1
 
 It prints, and writes to <output-dir>/long_context.json, the prompt lengths, what eager attention with

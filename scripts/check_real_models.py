@@ -16,7 +16,7 @@ Writes results/models/exactness.json and exactness.md. Run from the repository r
 
     python scripts/check_real_models.py --threads 1
 
-Needs the model wheels (README, "Models"); a model whose wheels are missing is reported as such and skipped.
+Needs the model wheels (docs/recipes.md, "Models"); a model whose wheels are missing is reported as such and skipped.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from abft_kernels.training import WEIGHTS_FILE, ABFTTrainer, abft_training_argum
 from test_train_options import SENTIMENT, counting_llama, write_task
 from tiny_icl import tiny_llama, tiny_tokenizer
 
-BF16_TOLERANCE = 1e-2  # design.md §6: relative error of fp16/bf16 results
+BF16_TOLERANCE = 1e-2  # docs/design.md §6: relative error of fp16/bf16 results
 CPU_BACKENDS = ("reference", "torch", "triton")
 
 

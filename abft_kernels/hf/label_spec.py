@@ -41,7 +41,7 @@ class LabelSpec:
         ValueError: key_class or query_rows not a 2-D integer tensor, of different batch sizes or devices;
             num_classes not a positive int; an unknown backend. In the model call: values out of range, a call
             without output_attentions=True, past key values, a sliding window shorter than the prompt, attention
-            dropout, or a model whose layers drop the abft= keyword (see README, "Hugging Face models").
+            dropout, or a model whose layers drop the abft= keyword (see docs/huggingface.md).
     """
 
     key_class: torch.Tensor

@@ -53,7 +53,7 @@ def apply_abft(model):
     needs patching (Falcon) and installs the per-call checks.
 
     Args:
-        model: a transformers PreTrainedModel (any causal LM; see README's family matrix).
+        model: a transformers PreTrainedModel (any causal LM; see docs/huggingface.md's family tables).
 
     Returns:
         The same model.

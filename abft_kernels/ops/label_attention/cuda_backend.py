@@ -1,11 +1,11 @@
-"""Backend "cuda": the decoupled path of design.md §2 with the compiled extension abft_kernels._C.
+"""Backend "cuda": the decoupled path of docs/design.md §2 with the compiled extension abft_kernels._C.
 
 The attention output comes from torch SDPA (cuDNN / FlashAttention on GPU); the masses of the selected
 rows come from the row kernel of csrc/, which reads K once per row: cost ≈ vendor attention + O(R·N·D).
 Autograd adds the two paths' gradients of q and k. Semantics are those of the reference: empty slots
 (-1) and rows that see no key get mass 0. The row kernel never reads v, so v's head dim Dv is free.
 
-Attention sinks (design.md §2 with one more logit per head that no key owns): the output comes from SDPA
+Attention sinks (docs/design.md §2 with one more logit per head that no key owns): the output comes from SDPA
 over the sink as a virtual key (sink_key, as backend "torch"). The kernels know no sinks, but need none:
 with the kernel's log-sum-exp lse of the visible keys and lse' = logaddexp(lse, sink), every probability
 with the sink is P'[j] = P[j]·exp(lse − lse'), so mass' = mass·sigmoid(lse − sink). Their backward

@@ -14,7 +14,7 @@ def _load():
         if exc.name != "abft_kernels._C":
             raise
         return None, ("abft_kernels._C is not built (on a machine with CUDA and nvcc: "
-                      "pip install --no-build-isolation -e . ; see README, 'CUDA extension')")
+                      "pip install --no-build-isolation -e . ; see docs/kernels.md, 'CUDA extension')")
     except ImportError as exc:  # built, but against another torch or CUDA runtime
         return None, f"abft_kernels._C is built but does not load: {exc}"
     return module, (f"abft_kernels._C is loaded (head dims {tuple(module.SUPPORTED_HEAD_DIMS)}, "

@@ -13,7 +13,7 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
     For every query row i of every head, with S = scale·q·kᵀ (+ the mask) and P = softmax(S) over the keys i sees::
 
         out[i]     = sum_j P[i, j] · v[j]                      (ordinary attention)
-        mass[i, c] = sum_{j : key_class[j] == c} P[i, j]        (design.md §2: mass = P · onehot(key_class))
+        mass[i, c] = sum_{j : key_class[j] == c} P[i, j]        (docs/design.md §2: mass = P · onehot(key_class))
 
     With attention sinks (gpt-oss's s_aux), head h's softmax has one more logit sinks[h] in its denominator that
     no value and no class receives, so the row's probabilities sum to less than 1::

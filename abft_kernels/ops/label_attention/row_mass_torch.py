@@ -1,4 +1,4 @@
-"""Label masses of R selected query rows in plain PyTorch: the decoupled path of design.md §2.
+"""Label masses of R selected query rows in plain PyTorch: the decoupled path of docs/design.md §2.
 
 Forward computes, per (batch, head, row), the softmax over the keys the row sees and its mass on each
 label class; backward recomputes the probabilities instead of saving them. Rows are processed in
