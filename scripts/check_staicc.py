@@ -6,7 +6,7 @@ and the "space-on-label" text the same without the trailing space; the first --t
 style are also tokenized on the model's tokenizer (label positions checked by PromptBuilder.build). Also checks the
 example in StaICC's docstring of `write_prompt_from_dataline` (a contextual-calibration prompt with query "").
 
-    python python/check_staicc.py --staicc-root ../shared/data/staicc
+    python scripts/check_staicc.py --staicc-root $STAICC
 """
 import argparse
 import json

@@ -4,10 +4,10 @@ The label masses come from label_attention, which never forms an N x N attention
 memory grows linearly with the prompt length; non-reentrant gradient checkpointing keeps one layer's
 activations live at a time. One prompt per forward pass, gradient accumulation up to the step size.
 
-    python python/long_context.py --model meta-llama/Llama-3.1-8B --dataset sst2 --k 64 --lora 16 --bf16
-    python python/long_context.py --k 24 --steps 2 --prompts-per-step 2 --eval-prompts 8   # CPU smoke run
+    python examples/long_context.py --model meta-llama/Llama-3.1-8B --dataset sst2 --k 64 --lora 16 --bf16
+    python examples/long_context.py --k 24 --steps 2 --prompts-per-step 2 --eval-prompts 8   # CPU smoke run
     # the measured CPU run of docs/results.md (built-in SmolLM2-135M, rt-sentiment, prompts of about 4k tokens):
-    python python/long_context.py --k 128 --steps 4 --prompts-per-step 2 --eval-prompts 16 --threads 1
+    python examples/long_context.py --k 128 --steps 4 --prompts-per-step 2 --eval-prompts 16 --threads 1
 
 It prints, and writes to <output-dir>/long_context.json, the prompt lengths, what eager attention with
 output_attentions (the paper's way of getting the masses) would need at the shortest prompt, accuracy and
@@ -108,7 +108,7 @@ def main() -> None:
     what_peak = "torch.cuda.max_memory_allocated in training" if device.type == "cuda" else \
         "the process's peak resident memory (ru_maxrss: evaluation before, training)"
     report = {
-        "command": "python python/long_context.py " + " ".join(sys.argv[1:]), "commit": _commit(),
+        "command": "python examples/long_context.py " + " ".join(sys.argv[1:]), "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device), "torch_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2), "model": args.model or DEFAULT_MODEL,

@@ -6,8 +6,8 @@ before and after on held-out prompts (512 by default). Needs the Hugging Face hu
 and, for 7B-class models, a GPU. Rerunning resumes interrupted trainings and skips finished ones.
 Options after `--` go to `abft train` (e.g. -- --bf16 --micro-batch 4 --lora 16).
 
-    python python/paper_recipe.py --model openai-community/gpt2-large
-    python python/paper_recipe.py --model meta-llama/Meta-Llama-3-8B -- --bf16 --micro-batch 4
+    python examples/paper_recipe.py --model openai-community/gpt2-large
+    python examples/paper_recipe.py --model meta-llama/Meta-Llama-3-8B -- --bf16 --micro-batch 4
 """
 import argparse
 import json

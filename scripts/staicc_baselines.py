@@ -4,7 +4,7 @@ Rebuilds StaICC's test prompts from its exported data (see abft_kernels/icl/stai
 words at the query token as `abft eval` does, and calibrates with content-free queries after demonstration
 sets drawn from the training pool (StaICC's calibration split).
 
-    python python/staicc_baselines.py --staicc-root ../shared/data/staicc --dataset mr --prompts 256
+    python scripts/staicc_baselines.py --staicc-root $STAICC --dataset mr --prompts 256
 """
 import argparse
 import json
