@@ -9,7 +9,12 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .ops.label_attention.masks import label_one_hot
-from .settings import PAPER
+
+# The paper's values (arXiv 2505.14233 §5 and its appendix; docs/design.md §1): A's start, B, the PID gains
+# Cp, Ci, Cd (A per counted head) and the Adam learning rate they were tuned with. settings.PAPER is built on them.
+PAPER_A0, PAPER_B = 0.5, 1.0
+PAPER_KP, PAPER_KI, PAPER_KD = 0.03, 0.005, 0.005
+PAPER_LR = 2e-5
 
 
 @dataclass
@@ -80,7 +85,7 @@ def visible_label_counts(key_class, num_classes, rows, key_padding_mask=None, ca
 
 
 def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class, key_class, query_rows=None,
-              A: Union[float, torch.Tensor] = PAPER.A0, B: Union[float, torch.Tensor] = PAPER.B,
+              A: Union[float, torch.Tensor] = PAPER_A0, B: Union[float, torch.Tensor] = PAPER_B,
               key_padding_mask=None, causal: bool = True, count_all_heads: bool = False):
     """ABFT loss summed over layers and heads, averaged over the (sample, row) pairs with a target.
 
@@ -205,7 +210,7 @@ class PIDController:
     Call update(n_t) after step t's forward; the returned A_t is the coefficient for the next step.
     """
 
-    def __init__(self, A0: float = PAPER.A0, kp: float = PAPER.kp, ki: float = PAPER.ki, kd: float = PAPER.kd):
+    def __init__(self, A0: float = PAPER_A0, kp: float = PAPER_KP, ki: float = PAPER_KI, kd: float = PAPER_KD):
         self.A0, self.kp, self.ki, self.kd = float(A0), float(kp), float(ki), float(kd)
         self.A = self.A0
         self.history: List[float] = []
@@ -230,7 +235,7 @@ class PIDController:
 class FixedA(PIDController):
     """A stays A0 whatever the count (the no-PID ablation); records the counts like the PID."""
 
-    def __init__(self, A0: float = PAPER.A0):
+    def __init__(self, A0: float = PAPER_A0):
         super().__init__(A0, 0.0, 0.0, 0.0)
 
 
@@ -248,7 +253,7 @@ class SetpointController(PIDController):
         ValueError: scale <= 0.
     """
 
-    def __init__(self, A0: float = PAPER.A0, kp: float = PAPER.kp, ki: float = PAPER.ki, kd: float = PAPER.kd,
+    def __init__(self, A0: float = PAPER_A0, kp: float = PAPER_KP, ki: float = PAPER_KI, kd: float = PAPER_KD,
                  scale: float = 1.0):
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
@@ -275,9 +280,9 @@ class SetpointController(PIDController):
         self.integral = state["integral"]
 
 
-def make_controller(settings=PAPER) -> PIDController:
+def make_controller(settings) -> PIDController:
     """The controller of A that `settings.controller` names, with its A0 and gains: "paper" (PIDController),
-    "fixed" (FixedA) or "setpoint" (SetpointController, gains scaled by PAPER.lr / settings.lr).
+    "fixed" (FixedA) or "setpoint" (SetpointController, gains scaled by PAPER_LR / settings.lr).
 
     Args:
         settings: a `settings.ABFTSettings` (controller, A0, kp, ki, kd, lr).
@@ -290,5 +295,5 @@ def make_controller(settings=PAPER) -> PIDController:
     if settings.controller == "fixed":
         return FixedA(settings.A0)
     if settings.controller == "setpoint":
-        return SetpointController(settings.A0, settings.kp, settings.ki, settings.kd, scale=PAPER.lr / settings.lr)
+        return SetpointController(settings.A0, settings.kp, settings.ki, settings.kd, scale=PAPER_LR / settings.lr)
     raise ValueError(f"controller must be one of 'paper', 'fixed', 'setpoint', got {settings.controller!r}")

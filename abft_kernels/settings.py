@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Optional
 
 from .icl.data import DEFAULT_TASK
+from .loss import PAPER_A0, PAPER_B, PAPER_KD, PAPER_KI, PAPER_KP, PAPER_LR
 
 # LoRA rank of `--objective e2e` when --lora is not given: the paper's rank (it trained its models above 10B with
 # LoRA r = 16 on W_Q/W_K).
@@ -99,17 +100,17 @@ class ABFTSettings(DataSettings):
         "abft: the ABFT loss on the label attention masses (the method); e2e: the paper's end-to-end fine-tuning "
         "baseline, cross-entropy of the read-out (the label words' logits at the query token) against the gold "
         f"class, on LoRA adapters of W_Q/W_K (rank --lora, default {E2E_LORA_RANK}); A and its controller are unused"))
-    lr: float = field(default=2e-5, metadata=_help("Adam learning rate (constant, no weight decay)"))
+    lr: float = field(default=PAPER_LR, metadata=_help("Adam learning rate (constant, no weight decay)"))
     steps: int = field(default=32, metadata=_help("optimiser steps"))
     prompts_per_step: int = field(default=32, metadata=_help("prompts per optimiser step (gradient accumulation)"))
     micro_batch: int = field(default=8, metadata=_help("prompts per forward pass on each process"))
     train_prompts: int = field(default=512, metadata=_help("training prompts built from the training pool"))
     lora: Optional[int] = field(default=None, metadata=_help("train LoRA adapters of this rank on W_Q/W_K instead"))
-    A0: float = field(default=0.5, metadata=_help("initial A, the weight of the wrong-label term"))
-    B: float = field(default=1.0, metadata=_help("B, the weight of the gold-label term"))
-    kp: float = field(default=0.03, metadata=_help("PID proportional gain Cp"))
-    ki: float = field(default=0.005, metadata=_help("PID integral gain Ci"))
-    kd: float = field(default=0.005, metadata=_help("PID derivative gain Cd"))
+    A0: float = field(default=PAPER_A0, metadata=_help("initial A, the weight of the wrong-label term"))
+    B: float = field(default=PAPER_B, metadata=_help("B, the weight of the gold-label term"))
+    kp: float = field(default=PAPER_KP, metadata=_help("PID proportional gain Cp"))
+    ki: float = field(default=PAPER_KI, metadata=_help("PID integral gain Ci"))
+    kd: float = field(default=PAPER_KD, metadata=_help("PID derivative gain Cd"))
     controller: Literal["paper", "fixed", "setpoint"] = field(default="paper", metadata=_help(
         "how A is steered: paper = the paper's PID (gains kp, ki, kd); fixed = A stays A0 (no-PID ablation); "
         "setpoint = the gains scaled by 2e-5/lr on the error to the first step's count, A >= 0"))
