@@ -4,8 +4,7 @@ Importing this package does not import transformers; the modules here import it 
 """
 from .attention import ATTN_IMPLEMENTATION, abft_attention_forward, abft_mask_function
 from .label_spec import LabelSpec
-from .patching import apply_abft
-from .registration import register_abft_attention
+from .registration import apply_abft, register_abft_attention
 from .trainable import trainable_qk
 
 __all__ = [

@@ -36,36 +36,12 @@ from typing import List, Optional
 
 from .attention import ATTN_IMPLEMENTATION
 from .model_call import current_call, enter_call, leave_call
-from .registration import register_abft_attention
 
 # A module computes attention when its class is named so; it goes through the interface when its forward looks
 # the attention function up there (as every transformers model that supports set_attn_implementation does).
 _ATTENTION_CLASS = re.compile(r"Attention|Attn")
 _USES_INTERFACE = "ALL_ATTENTION_FUNCTIONS"
 _SOFTMAX = ("softmax", "scaled_dot_product_attention", "flex_attention")
-
-
-def apply_abft(model):
-    """Switch `model` to attn_implementation="abft" in place and return it.
-
-    The same as `model.set_attn_implementation("abft")` or `from_pretrained(..., attn_implementation="abft")` once
-    abft_kernels is imported: every load path goes through prepare_abft_model, which checks the model, patches what
-    needs patching (Falcon) and installs the per-call checks.
-
-    Args:
-        model: a transformers PreTrainedModel (any causal LM; see docs/huggingface.md's family tables).
-
-    Returns:
-        The same model.
-
-    Raises:
-        ValueError: naming the model type and why, for models whose attention cannot run exactly through "abft"
-            (attention that computes its own softmax, e.g. ALiBi Bloom; attention that reads the 4-D mask itself;
-            no softmax attention at all; see prepare_abft_model).
-    """
-    register_abft_attention()
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    return model
 
 
 def prepare_abft_class(model_class: type) -> None:

@@ -1,4 +1,5 @@
-"""Registration of attn_implementation="abft" with transformers, done once transformers' modeling code loads.
+"""Registration of attn_implementation="abft" with transformers, done once transformers' modeling code loads, and
+apply_abft.
 
 `import abft_kernels` must not import transformers (about two seconds), yet `from_pretrained(...,
 attn_implementation="abft")` must work whenever abft_kernels was imported first. So registration runs at once
@@ -19,8 +20,32 @@ import importlib.util
 import sys
 
 from .attention import ATTN_IMPLEMENTATION, abft_attention_forward, abft_mask_function
+from .patching import is_abft, prepare_abft_class, prepare_abft_model, refuse_unsupported_model, requests_abft
 
 _TRIGGER_MODULE = "transformers.modeling_utils"
+
+
+def apply_abft(model):
+    """Switch `model` to attn_implementation="abft" in place and return it.
+
+    The same as `model.set_attn_implementation("abft")` or `from_pretrained(..., attn_implementation="abft")` once
+    abft_kernels is imported: every load path goes through prepare_abft_model, which checks the model, patches what
+    needs patching (Falcon) and installs the per-call checks.
+
+    Args:
+        model: a transformers PreTrainedModel (any causal LM; see docs/huggingface.md's family tables).
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: naming the model type and why, for models whose attention cannot run exactly through "abft"
+            (attention that computes its own softmax, e.g. ALiBi Bloom; attention that reads the 4-D mask itself;
+            no softmax attention at all; see prepare_abft_model).
+    """
+    register_abft_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
 
 
 def register_abft_attention() -> None:
@@ -45,8 +70,6 @@ def _prepare_class_after(check_and_adjust):
         implementation = check_and_adjust(self, attn_implementation, *args, **kwargs)
         is_init_check = kwargs.get("is_init_check", args[0] if args else False)
         if implementation == ATTN_IMPLEMENTATION and is_init_check:
-            from .patching import prepare_abft_class
-
             prepare_abft_class(type(self))
         return implementation
 
@@ -57,8 +80,6 @@ def _prepare_after(post_init):
     @functools.wraps(post_init)
     def post_init_then_prepare(self, *args, **kwargs):
         post_init(self, *args, **kwargs)
-        from .patching import is_abft, prepare_abft_model
-
         if is_abft(self.config):
             prepare_abft_model(self)
 
@@ -69,8 +90,6 @@ def _set_attn_implementation(set_attn_implementation):
     @functools.wraps(set_attn_implementation)
     def set_then_prepare(self, attn_implementation, *args, **kwargs):
         from transformers.modeling_utils import PreTrainedModel
-
-        from .patching import is_abft, prepare_abft_model, refuse_unsupported_model, requests_abft
 
         if not requests_abft(attn_implementation):
             return set_attn_implementation(self, attn_implementation, *args, **kwargs)
