@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .ops.label_attention.masks import label_one_hot
+from .ops.label_attention import label_one_hot
 
 # The paper's values (arXiv 2505.14233 §5 and its appendix; docs/design.md §1): A's start, B, the PID gains
 # Cp, Ci, Cd (A per counted head) and the Adam learning rate they were tuned with. settings.PAPER is built on them.

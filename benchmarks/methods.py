@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import abft_kernels as ak
-from abft_kernels.ops.label_attention.masks import gather_rows, label_one_hot
+from abft_kernels.ops.label_attention import gather_rows, label_one_hot
 
 from .shapes import KernelProblem, KernelShape, make_problem
 from .timing import error_summary

@@ -18,7 +18,7 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk
-from abft_kernels.ops.label_attention.masks import gather_rows, label_one_hot
+from abft_kernels.ops.label_attention import gather_rows, label_one_hot
 
 from .shapes import label_positions
 from .timing import guarded, peak_memory_gib, saved_bytes, too_big, wall_median_ms

@@ -25,9 +25,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..ops.label_attention import label_attention
-from ..ops.label_attention.sdpa import attention_output
-from ..ops.label_attention.validation import LabelAttentionArgs
+from ..ops.label_attention import LabelAttentionArgs, attention_output, label_attention
 from .label_spec import LabelSpec
 from .model_call import (ATTN_IMPLEMENTATION, DOCUMENT_KWARGS, Document, MaskKinds, ModelCall, current_call,
                          documents_from_boundaries)

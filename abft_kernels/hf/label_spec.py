@@ -6,15 +6,14 @@ from typing import Optional
 
 import torch
 
-from ..ops.label_attention.validation import _check_integer
-from ..ops.label_attention import BACKENDS
+from ..ops.label_attention import BACKENDS, check_integer
 
 
 def _check_index_tensor(name: str, t, shape_hint: str) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         got = getattr(t, "shape", type(t).__name__)
         raise ValueError(f"{name} must be a 2-D integer tensor {shape_hint}, got {got}")
-    _check_integer(name, t)
+    check_integer(name, t)
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: its fields are tensors

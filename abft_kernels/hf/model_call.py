@@ -29,7 +29,7 @@ from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 
-from ..ops.label_attention.validation import index_value_flags, raise_for_index_values
+from ..ops.label_attention import index_value_flags, raise_for_index_values
 from .label_spec import LabelSpec
 
 ATTN_IMPLEMENTATION = "abft"

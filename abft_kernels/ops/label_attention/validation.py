@@ -42,7 +42,7 @@ def _check_tensor(name: str, t, ndim: int, shape_hint: str) -> torch.Tensor:
     return t
 
 
-def _check_integer(name: str, t: torch.Tensor) -> None:
+def check_integer(name: str, t: torch.Tensor) -> None:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
 
@@ -108,14 +108,14 @@ def validate_label_attention_args(
 
     device = q.device
     key_class = _check_tensor("key_class", key_class, 2, "[B, N]")
-    _check_integer("key_class", key_class)
+    check_integer("key_class", key_class)
     if tuple(key_class.shape) != (batch, seq_len):
         raise ValueError(f"key_class must have shape [B={batch}, N={seq_len}], got {tuple(key_class.shape)}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if query_rows is not None:
         query_rows = _check_tensor("query_rows", query_rows, 2, "[B, R]")
-        _check_integer("query_rows", query_rows)
+        check_integer("query_rows", query_rows)
         if query_rows.shape[0] != batch or query_rows.shape[1] == 0:
             raise ValueError(f"query_rows must have shape [B={batch}, R>=1], got {tuple(query_rows.shape)}")
     if key_padding_mask is not None:
