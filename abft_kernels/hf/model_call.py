@@ -101,12 +101,13 @@ current_call: ContextVar[Optional[ModelCall]] = ContextVar("abft_model_call", de
 
 
 @lru_cache(maxsize=None)
-def _takes_keywords(forward_class: type) -> bool:
+def _takes_keywords(forward_class: type, name: Optional[str] = None) -> bool:
+    """Whether forward_class.forward takes any extra keyword (**kwargs), or the keyword `name`."""
     try:
         parameters = inspect.signature(forward_class.forward).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.kind == p.VAR_KEYWORD for p in parameters)
+    return any(p.kind == p.VAR_KEYWORD or p.name == name for p in parameters)
 
 
 @lru_cache(maxsize=None)
@@ -171,19 +172,10 @@ def enter_call(module, args, kwargs):
     return None
 
 
-@lru_cache(maxsize=None)
-def _takes_keywords(forward_class: type) -> bool:
-    try:
-        parameters = inspect.signature(forward_class.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind == p.VAR_KEYWORD or p.name == ABFT_KWARG for p in parameters)
-
-
 def _check_takes_keywords(module) -> None:
     """ValueError where the forward of `module` takes no extra keywords (e.g. encoder-decoder causal LMs on
     transformers 4.57), which torch would otherwise report as a TypeError."""
-    if not _takes_keywords(type(module)):
+    if not _takes_keywords(type(module), ABFT_KWARG):
         model_type = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
         raise ValueError(f"abft= cannot reach the attention of {model_type}: {type(module).__name__}.forward takes no "
                          "extra keywords in this transformers version, so the label spec cannot be passed to its "
