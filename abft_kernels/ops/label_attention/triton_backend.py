@@ -1,6 +1,6 @@
 """Backend "triton": one fused flash-attention kernel that also returns the per-class label masses.
 
-Forward (design.md §2): the usual online softmax over key blocks, plus a second accumulator
+Forward (docs/design.md §2): the usual online softmax over key blocks, plus a second accumulator
 `mass_acc = mass_acc * alpha + P_blk @ onehot(class of the block's keys)` in fp32, divided by the row
 sum at the end. It writes the output (input dtype), the log-sum-exp (fp32) and the masses of the
 selected rows. Backward recomputes P from the log-sum-exp with
@@ -29,7 +29,7 @@ Masses on the tensor cores (fp16/bf16 inputs): P·Y goes through _exact_dot, whi
 and multiplies each by the one-hot Y (exact in bf16) with fp32 accumulation, which keeps fp32 accuracy; fp32 inputs
 keep an IEEE fp32 dot. In the backward, G[row, class(key)] is selected class by class from G's rows (exact, no dot,
 few registers). Both run only in query blocks that hold a selected row and key blocks that hold a label key. Under
-TRITON_INTERPRET=1 every dot runs in fp32 (design.md §6), on the same bf16 parts, so the split arithmetic is
+TRITON_INTERPRET=1 every dot runs in fp32 (docs/design.md §6), on the same bf16 parts, so the split arithmetic is
 exercised on CPU as well.
 
 v may have its own head dim Dv (multi-head latent attention): v, out, dO and dV tiles are BLOCK_DV wide,
@@ -377,7 +377,7 @@ def label_attention_backward_delta_kernel(
 
 @triton.jit
 def _grad_scores(p, dp, delta, GradMassBase, slots, key_code, has_mass, num_classes, HAS_MASS_GRAD: tl.constexpr):
-    """dS = P * (dP - Delta) with dP = dO·Vᵀ (given) + G[row, class(key)] (design.md §2). The class term is selected
+    """dS = P * (dP - Delta) with dP = dO·Vᵀ (given) + G[row, class(key)] (docs/design.md §2). The class term is selected
     class by class from G's rows of the tile (exact, no dot, few registers; ICL prompts have a handful of classes);
     has_mass: the tile has a selected row and a label key (uniform per program, else the term is zero and
     skipped)."""
