@@ -6,7 +6,7 @@ is skipped with the reason, and every stage keeps the minimum of the later reser
   install      pip install -e . building the CUDA extension abft_kernels._C for sm_90 only;
   ctest        the CMake build of csrc/ for sm_90 and its C++ test against the CPU reference;
   kernel       the headline sweep, `python -m benchmarks.run --preset gpu-headline --levels kernel`;
-  tests        tests/test_cuda_extension.py, test_torch_backend.py, test_triton.py natively, a time limit per test;
+  tests        tests/ops/test_cuda_extension.py, test_torch_backend.py, test_triton.py natively, a time limit per test;
   model        the Llama-3-8B ABFT training step, `... --preset gpu-headline --levels model --resume`;
   flex         FlexAttention on the headline shapes, with whatever time is left;
 then issue 11's goals (benchmarks/goals.py), issue 25's (the fused Triton kernel against SDPA in the same run:
@@ -19,7 +19,7 @@ environment), gpu-headline.json and gpu-headline.md (the benchmark results with 
 
 Without a CUDA GPU every GPU stage is skipped with the reason. --rehearse then runs the kernel, tests and model
 stages on tiny CPU shapes instead (install, ctest and flex stay skipped), so that CI exercises this script's
-plumbing (tests/test_gpu_session.py).
+plumbing (tests/benchmarks/test_gpu_session.py).
 """
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "gpu-headline"  # the runner's preset, and so its file names
 MAX_FILES = 8  # what the device tool brings back from $OUT
 FINAL_RESERVE_S = 10  # kept for the goals, the tables and the last writes
-TEST_FILES = ["tests/test_cuda_extension.py", "tests/test_torch_backend.py", "tests/test_triton.py"]
+TEST_FILES = ["tests/ops/test_cuda_extension.py", "tests/ops/test_torch_backend.py", "tests/ops/test_triton.py"]
 # Compile-only checks, CPU-side: CI runs them; here the install and ctest stages build the same sources for sm_90.
 TEST_DESELECT = {
-    "tests/test_cuda_extension.py::test_csrc_compiles_for_sm80_and_sm90": "nvcc for sm_80 and sm_90, compile only",
-    "tests/test_cuda_extension.py::test_cmake_builds_library_and_ctest": "CMake for sm_80 and sm_90 (stage ctest "
+    "tests/ops/test_cuda_extension.py::test_csrc_compiles_for_sm80_and_sm90": "nvcc for sm_80 and sm_90, compile only",
+    "tests/ops/test_cuda_extension.py::test_cmake_builds_library_and_ctest": "CMake for sm_80 and sm_90 (stage ctest "
                                                                          "builds and runs it for sm_90)",
-    "tests/test_triton.py::test_kernels_compile_for_gpu": "triton.compile for sm_80 and sm_90, compile only",
+    "tests/ops/test_triton.py::test_kernels_compile_for_gpu": "triton.compile for sm_80 and sm_90, compile only",
 }
 TEST_TIME_LIMIT_S = 60  # per test phase; the first call of each Triton kernel variant compiles it
 # Tiny CPU sizes of --rehearse, appended to the runner's GPU options (later options win).
@@ -246,7 +246,7 @@ def flex(session: Session, limit_s: float) -> dict:
 
 
 def tests(session: Session, limit_s: float) -> dict:
-    files = ["tests/test_torch_backend.py"] if session.rehearse else TEST_FILES
+    files = ["tests/ops/test_torch_backend.py"] if session.rehearse else TEST_FILES
     record = session.work / "tests.jsonl"
     env = {"ABFT_TEST_TIME_LIMIT_S": str(TEST_TIME_LIMIT_S), "ABFT_TEST_RECORD": str(record),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # xdist workers too

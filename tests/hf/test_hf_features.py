@@ -23,7 +23,7 @@ from test_hf_models import (  # noqa: E402
     trained_grads, with_implementation,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_transformers_5 = pytest.mark.skipif(TRANSFORMERS_4, reason="abft on Falcon needs transformers 5")
 
 

@@ -44,4 +44,4 @@ def test_readme_family_table_is_the_matrix():
     results = {t: RESULTS[t] if t in RESULTS else (hf_families.run_family(t), hf_families.run_windows(t))
                for t in MODEL_TYPES}
     assert hf_families.readme_section() == hf_families.readme_table(results), \
-        "docs/huggingface.md's family table differs from the matrix: run `python tests/hf_families.py` to rewrite it"
+        "docs/huggingface.md's family table differs from the matrix: run `python tests/hf/hf_families.py` to rewrite it"

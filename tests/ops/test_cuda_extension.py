@@ -24,7 +24,7 @@ import abft_kernels as ak
 from abft_kernels.ops.label_attention import backends, extension as _extension
 from helpers import assert_matches_reference, make_problem, rel_err, run_with_grads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++") or shutil.which("c++")

@@ -24,7 +24,7 @@ from tiny_icl import tiny_tokenizer
 SENTIMENT = Template("review: ", "sentiment:", ("negative", "positive"))
 TASK_OPTIONS = ["--label-words", "negative,positive", "--input-prefix", "review: ", "--label-prefix", "sentiment:",
                 "--eval-prompts", "8", "--k", "2", "--threads", "1"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def counting_llama(vocab_size: int):

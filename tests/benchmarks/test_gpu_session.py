@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import goals, gpu_session, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPU_STAGES = [s.name for s in gpu_session.STAGES if s.needs_gpu]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the whole session")
 
