@@ -442,8 +442,8 @@ def _short(reason: str, model_type: str) -> str:
 
 
 def _detail(outcome: Outcome, windows: Optional[Outcome], model_type: str) -> str:
-    if outcome.status == SKIPPED:
-        return outcome.reason
+    if outcome.status == SKIPPED:  # without the machine's paths (a library's file named in an import error)
+        return re.sub(r"[^\s(]*/site-packages/", "", outcome.reason)
     if outcome.status == REFUSED:
         return _short(outcome.reason, model_type)
     detail = ", ".join(re.sub(r"^(\S+)", r"`\1`", p) for p in outcome.projections.split(", "))

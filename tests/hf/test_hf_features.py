@@ -327,6 +327,7 @@ def test_falcon_refused_on_transformers_4():
         apply_abft(tiny_model("falcon"))
 
 
+@pytest.mark.skipif(TRANSFORMERS_4, reason="transformers 4.57's JetMoE computes its own attention: refused at load")
 def test_trainable_qk_refuses_queries_from_stacked_expert_weights():
     """JetMoE's mixture of attention heads computes its queries from experts.input_linear (stacked weights, no
     nn.Linear): trainable_qk would train only the key half of kv_proj, so it refuses."""
