@@ -166,7 +166,7 @@ def export_run(weights, output_dir, adapter_dir=None, device: str = "cpu") -> Pa
     from .training import CONFIG_FILE, apply_trained_weights
 
     config = json.loads((Path(weights) / CONFIG_FILE).read_text())
-    if config.get("load_in_4bit"):
+    if (config.get("settings") or {}).get("load_in_4bit") or config.get("load_in_4bit"):  # (older runs: flat)
         raise ValueError(f"{weights} was trained on a 4-bit model: a merged export would round the merged weights; "
                          "export its adapter with export_peft_adapter on the loaded model")
     model, tokenizer = load_model(config.get("base_model"), device=device)

@@ -81,9 +81,19 @@ def task_template(settings: DataSettings, saved: Optional[dict] = None) -> Optio
     return None
 
 
+def run_settings(saved: dict) -> dict:
+    """The DataSettings of a saved run, by name, as its abft_config.json recorded them ("settings", ABFTSettings'
+    names; "base_model", the model they name). A run saved before the loss_row setting used the read-out row."""
+    recorded = saved.get("settings") or {}
+    run = {f.name: recorded[f.name] for f in fields(DataSettings) if f.name in recorded}
+    run["model"] = saved.get("base_model", run.get("model"))
+    run.setdefault("loss_row", "read-out")
+    return run
+
+
 def held_out_settings(given: dict, saved: dict) -> DataSettings:
-    """The settings that evaluate trained weights on their training run's held-out set: its split, base model
-    and k unless given, at most as many prompts.
+    """The settings that evaluate trained weights on their training run's held-out set: its split, base model,
+    k, prompt style and loss row unless given, at most as many prompts.
 
     Args:
         given: the settings the command line gave (`given_settings`). saved: the run's abft_config.json.
@@ -92,20 +102,18 @@ def held_out_settings(given: dict, saved: dict) -> DataSettings:
         ValueError: a given split setting differs from the run's (the held-out prompts would overlap the
             training pool), or more held-out prompts than the run held out.
     """
+    run = run_settings(saved)
     for name in SPLIT_SETTINGS:
-        if name in given and saved.get(name) is not None and given[name] != saved[name]:
+        if name in given and run.get(name) is not None and given[name] != run[name]:
             raise ValueError(f"--{name.replace('_', '-')} {given[name]!r} differs from the training run's "
-                             f"{saved[name]!r}: the held-out prompts would overlap the training pool")
-    if given.get("eval_prompts") is not None and saved.get("held_out") is not None \
-            and given["eval_prompts"] > saved["held_out"]:
+                             f"{run[name]!r}: the held-out prompts would overlap the training pool")
+    if given.get("eval_prompts") is not None and run.get("eval_prompts") is not None \
+            and given["eval_prompts"] > run["eval_prompts"]:
         raise ValueError(f"--eval-prompts {given['eval_prompts']} exceeds the training run's held-out set "
-                         f"({saved['held_out']} examples)")
-    from_run = {name: saved.get(name) for name in SPLIT_SETTINGS}
-    from_run.update(eval_prompts=saved.get("held_out"), model=saved.get("base_model"), k=saved.get("k"),
-                    load_in_4bit=saved.get("load_in_4bit"),
-                    prompt_style=saved.get("prompt_style"), staicc_root=saved.get("staicc_root"),
-                    loss_row=saved.get("loss_row", "read-out"))  # runs saved before the setting used the read-out row
-    return replace(data_settings(PAPER), **{**{name: v for name, v in from_run.items() if v is not None}, **given})
+                         f"({run['eval_prompts']} examples)")
+    kept = ("model", "load_in_4bit", "k", "eval_prompts", "prompt_style", "staicc_root", "loss_row") + SPLIT_SETTINGS
+    from_run = {name: run[name] for name in kept if run.get(name) is not None}
+    return replace(data_settings(PAPER), **{**from_run, **given})
 
 
 def load_workflow_task(settings: DataSettings, template: Optional[Template]):
@@ -157,14 +165,9 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
         output_dir, learning_rate=settings.lr, steps=settings.steps, prompts_per_step=settings.prompts_per_step,
         micro_batch=settings.micro_batch, seed=settings.seed, save_steps=save_steps, bf16=settings.bf16,
         report_to=settings.report_to, use_cpu=device.type == "cpu")
-    run_info = {"base_model": settings.model or DEFAULT_MODEL, "lora": settings.lora,
-                "load_in_4bit": settings.load_in_4bit, "objective": settings.objective, "dataset": settings.dataset,
-                "text_column": settings.text_column, "label_column": settings.label_column,
-                "max_chars": settings.max_chars, "seed": settings.seed, "held_out": settings.eval_prompts,
-                "template": asdict(task.template), "k": settings.k, "prompt_style": settings.prompt_style,
-                "loss_row": settings.loss_row,
-                "staicc_root": settings.staicc_root, "learning_rate": settings.lr,
-                "steps": settings.steps, "prompts_per_step": settings.prompts_per_step}
+    # abft_config.json: the run's settings once, under ABFTSettings' names (ABFTTrainer writes them as "settings"),
+    # plus what they leave open: the model they name and the task's template.
+    run_info = {"base_model": settings.model or DEFAULT_MODEL, "template": asdict(task.template)}
     trainer = ABFTTrainer(model=model, args=training_args, train_dataset=prompts,
                           data_collator=ICLCollator(tokenizer.pad_token_id), num_classes=task.template.num_classes,
                           settings=settings, run_info=run_info, label_token_ids=builder.label_token_ids)

@@ -112,10 +112,11 @@ def test_loss_and_filter_read_the_loss_row_read_out_reads_the_last_token():
 
 
 def test_saved_runs_record_the_loss_row_and_older_ones_read_as_the_read_out_row():
-    saved = {"dataset": "rt-subj", "seed": 3, "held_out": 200, "k": 8, "prompt_style": "staicc"}
-    assert held_out_settings({}, saved).loss_row == "read-out"  # saved before the setting: the row it used
-    assert held_out_settings({}, {**saved, "loss_row": "label-prefix"}).loss_row == "label-prefix"
-    assert held_out_settings({"loss_row": "read-out"}, {**saved, "loss_row": "label-prefix"}).loss_row == "read-out"
+    run = {"dataset": "rt-subj", "seed": 3, "eval_prompts": 200, "k": 8, "prompt_style": "staicc"}
+    assert held_out_settings({}, {"settings": run}).loss_row == "read-out"  # saved before the setting: its row
+    saved = {"settings": {**run, "loss_row": "label-prefix"}}
+    assert held_out_settings({}, saved).loss_row == "label-prefix"
+    assert held_out_settings({"loss_row": "read-out"}, saved).loss_row == "read-out"
     assert data_settings(PAPER).loss_row == "label-prefix"
 
 
@@ -167,7 +168,7 @@ def test_train_command_warns_in_the_console_and_report_when_no_head_counts(tmp_p
     assert report["count_check"]["start"] == 0 and ZERO_COUNT_WARNING in report["warnings"]
     assert report["settings"]["loss_row"] == "label-prefix"
     assert f"WARNING: {ZERO_COUNT_WARNING}" in capsys.readouterr().out
-    assert json.loads((tmp_path / "run" / "abft_config.json").read_text())["loss_row"] == "label-prefix"
+    assert json.loads((tmp_path / "run" / "abft_config.json").read_text())["settings"]["loss_row"] == "label-prefix"
 
 
 def test_label_words_that_share_a_read_out_token_are_refused():

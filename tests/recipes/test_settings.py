@@ -59,8 +59,9 @@ def test_eval_has_no_training_options_and_choices_are_checked():
 
 
 def test_held_out_settings_take_the_runs_split_and_refuse_other_ones():
-    saved = {"dataset": "rt-subj", "text_column": "text", "label_column": "label", "max_chars": 160, "seed": 3,
-             "held_out": 200, "base_model": "some/model", "k": 8}
+    saved = {"base_model": "some/model", "settings": {
+        "dataset": "rt-subj", "text_column": "text", "label_column": "label", "max_chars": 160, "seed": 3,
+        "eval_prompts": 200, "model": None, "k": 8, "lr": 2e-4}}  # as abft_config.json records a run
     settings = held_out_settings({"eval_prompts": 100}, saved)
     assert settings == replace(data_settings(PAPER), dataset="rt-subj", max_chars=160, seed=3, eval_prompts=100,
                                model="some/model", k=8, loss_row="read-out")  # saved before loss_row: read-out

@@ -175,7 +175,7 @@ def test_train_and_eval_commands_follow_staicc(tmp_path, tokenizer):
     main(["train", "--model", str(tmp_path / "model"), "--dataset", "staicc:tiny_set", "--staicc-root", str(root),
           "--k", "2", "--eval-prompts", "8", "--steps", "1", "--prompts-per-step", "2", "--micro-batch", "2",
           "--train-prompts", "2", "--output-dir", str(tmp_path / "run")])
-    saved = json.loads((tmp_path / "run" / "abft_config.json").read_text())
+    saved = json.loads((tmp_path / "run" / "abft_config.json").read_text())["settings"]
     assert saved["prompt_style"] == "staicc" and saved["staicc_root"] == str(root)
     main(["eval", "--weights", str(tmp_path / "run"), "--output-dir", str(tmp_path / "eval")])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())

@@ -115,7 +115,8 @@ def test_train_objective_e2e_command(tiny_run_inputs, tmp_path):
           "--steps", "2", "--prompts-per-step", "2", "--micro-batch", "2", "--train-prompts", "4", "--lr", "1e-2",
           "--save-steps", "0", "--output-dir", str(tmp_path / "run")])
     saved = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
-    assert saved["lora"] == E2E_LORA_RANK and saved["objective"] == "e2e" and saved["controller"] is None
+    assert saved["settings"]["lora"] == E2E_LORA_RANK and saved["lora_config"]["r"] == E2E_LORA_RANK
+    assert saved["settings"]["objective"] == "e2e" and saved["controller"] is None
     assert all(".lora_" in name for name in load_file(str(tmp_path / "run" / WEIGHTS_FILE)))
     steps = [h for h in json.loads((tmp_path / "run" / "report.json").read_text())["training_log"]
              if "e2e_loss" in h]
