@@ -146,8 +146,7 @@ def abft_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     causal = getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
     sliding_window = kwargs.get("sliding_window")
-    # A window only matters when some query would see keys further back than it.
-    window = sliding_window if sliding_window is not None and kv_len > sliding_window else None
+    window = _effective_window(sliding_window, kv_len)
     call = current_call.get()
     if call is not None:
         _check_against_masks(module, causal, window, q_len, kv_len, call.mask_kinds)
@@ -225,7 +224,9 @@ def _packed_documents(module, query: torch.Tensor, key: torch.Tensor, attention_
     return documents_from_boundaries(values, query.shape[0], query.shape[2])
 
 
-def _document_window(sliding_window: Optional[int], length: int) -> Optional[int]:
+def _effective_window(sliding_window: Optional[int], length: int) -> Optional[int]:
+    """The sliding window over `length` keys, or None: a window only matters when some query would see keys
+    further back than it."""
     return sliding_window if sliding_window is not None and length > sliding_window else None
 
 
@@ -236,7 +237,7 @@ def _plain_attention_by_document(documents, module, query, key, value, scaling, 
     for row, start, end in documents:
         part = (slice(row, row + 1), slice(None), slice(start, end))
         out, _ = _plain_attention(module, query[part], key[part], value[part], None, scaling, dropout, causal,
-                                  _document_window(sliding_window, end - start), sinks)
+                                  _effective_window(sliding_window, end - start), sinks)
         rows[row].append(out)
     return torch.cat([torch.cat(parts, dim=1) for parts in rows]), None
 
@@ -252,7 +253,7 @@ def _label_attention_by_document(documents, query, key, value, abft: LabelSpec, 
     outs: List[List[torch.Tensor]] = [[] for _ in range(batch)]
     masses: List[List[torch.Tensor]] = [[] for _ in range(batch)]
     for row, start, end in documents:
-        _check_label_call(abft, end - start, end - start, None, _document_window(sliding_window, end - start), 0.0)
+        _check_label_call(abft, end - start, end - start, None, _effective_window(sliding_window, end - start), 0.0)
         rows = None
         if abft.query_rows is not None:
             rows = abft.query_rows[row:row + 1]
