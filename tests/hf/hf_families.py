@@ -416,7 +416,10 @@ def _projection_names(trained) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:160]
+    """The exception's first line without the machine's paths (a library's file named in an import error), cut to
+    160 characters: the same text on every machine."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return re.sub(r"[^\s(]*/site-packages/", "", line)[:160]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,8 +445,8 @@ def _short(reason: str, model_type: str) -> str:
 
 
 def _detail(outcome: Outcome, windows: Optional[Outcome], model_type: str) -> str:
-    if outcome.status == SKIPPED:  # without the machine's paths (a library's file named in an import error)
-        return re.sub(r"[^\s(]*/site-packages/", "", outcome.reason)
+    if outcome.status == SKIPPED:
+        return outcome.reason
     if outcome.status == REFUSED:
         return _short(outcome.reason, model_type)
     detail = ", ".join(re.sub(r"^(\S+)", r"`\1`", p) for p in outcome.projections.split(", "))
