@@ -5,11 +5,11 @@
   (`torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)`).
 * `export_peft_adapter`: for a LoRA run, a standard PEFT adapter folder (adapter_config.json and
   adapter_model.safetensors, `peft.PeftModel.from_pretrained(base, folder)`).
-* `export_run`: both from an `abft train` / `ABFTTrainer.save_model` output folder (the `abft export` command).
+
+Both from an `abft train` / `ABFTTrainer.save_model` output folder: `recipes.workflow.export_run` (`abft export`).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional
 
@@ -142,53 +142,3 @@ def export_peft_adapter(model: torch.nn.Module, folder, base_model: Optional[str
     name_or_path = base_model or getattr(model, "name_or_path", None) or None
     dataclasses.replace(config, base_model_name_or_path=name_or_path, inference_mode=True).save_pretrained(folder)
     return folder
-
-
-def export_run(weights, output_dir, adapter_dir=None, device: str = "cpu") -> Path:
-    """Export an ABFT output folder: its base model with the run applied, as a plain transformers folder (with the
-    tokenizer) and, for a LoRA run given `adapter_dir`, as a PEFT adapter folder too.
-
-    Args:
-        weights: an `abft train` / `ABFTTrainer.save_model` output folder (or a checkpoint-N folder).
-        output_dir: the plain transformers folder. adapter_dir: the PEFT adapter folder (LoRA runs only).
-        device: where the model is loaded (float32, as `models.load_model` loads it).
-
-    Returns:
-        output_dir (Path).
-
-    Raises:
-        ValueError: adapter_dir for a run without LoRA; the run was trained on a 4-bit model (its merge would round
-            the weights: export its adapter alone with `export_peft_adapter`); from `training.apply_trained_weights`.
-    """
-    import json
-
-    from .models import load_model
-    from .training import CONFIG_FILE, apply_trained_weights
-
-    config = json.loads((Path(weights) / CONFIG_FILE).read_text())
-    if (config.get("settings") or {}).get("load_in_4bit") or config.get("load_in_4bit"):  # (older runs: flat)
-        raise ValueError(f"{weights} was trained on a 4-bit model: a merged export would round the merged weights; "
-                         "export its adapter with export_peft_adapter on the loaded model")
-    model, tokenizer = load_model(config.get("base_model"), device=device)
-    apply_trained_weights(model, weights)
-    if adapter_dir is not None:
-        if not config.get("lora_config", config.get("lora")):
-            raise ValueError(f"--adapter-dir: {weights} is a full query/key run without LoRA adapters; its export "
-                             "is the plain transformers folder alone")
-        export_peft_adapter(model, adapter_dir, base_model=config.get("base_model"))
-    return export_pretrained(model, output_dir, tokenizer=tokenizer)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """The options of `abft export`."""
-    parser.add_argument("--weights", required=True, help="an `abft train` output folder (or a checkpoint-N in it)")
-    parser.add_argument("--output-dir", required=True, help="the plain transformers folder (LoRA merged)")
-    parser.add_argument("--adapter-dir", help="also a PEFT adapter folder here (LoRA runs)")
-    parser.add_argument("--device", default="cpu")
-
-
-def run_export(args: argparse.Namespace) -> None:
-    """`abft export`."""
-    folder = export_run(args.weights, args.output_dir, adapter_dir=args.adapter_dir, device=args.device)
-    print(f"plain transformers folder: {folder} (AutoModelForCausalLM.from_pretrained)"
-          + (f"; PEFT adapter: {args.adapter_dir} (PeftModel.from_pretrained)" if args.adapter_dir else ""))

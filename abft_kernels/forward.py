@@ -9,11 +9,11 @@ import torch
 
 from .hf import LabelSpec
 from .loss import ABFTLossInfo, abft_loss
-from .settings import PAPER
+from .loss import PAPER_A0, PAPER_B
 
 
 def abft_forward(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_classes: int, *,
-                 A: float = PAPER.A0, B: float = PAPER.B, count_all_heads: bool = False,
+                 A: float = PAPER_A0, B: float = PAPER_B, count_all_heads: bool = False,
                  logits_to_keep: Union[int, torch.Tensor] = 1) -> Tuple[object, torch.Tensor, ABFTLossInfo]:
     """Run `model` on an ICL batch with the "abft" attention and return its output, ABFT loss and loss info.
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .ops.label_attention import label_one_hot
+from .ops.label_attention import visible_label_counts
 
 # The paper's values (arXiv 2505.14233 §5 and its appendix; docs/design.md §1): A's start, B, the PID gains
 # Cp, Ci, Cd (A per counted head) and the Adam learning rate they were tuned with. settings.PAPER is built on them.
@@ -62,26 +62,6 @@ def _stack_masses(masses) -> torch.Tensor:
         if m.shape != masses[0].shape:
             raise ValueError(f"masses[{i}] has shape {tuple(m.shape)}, but masses[0] has {tuple(masses[0].shape)}")
     return torch.stack(masses)
-
-
-def visible_label_counts(key_class, num_classes, rows, key_padding_mask=None, causal=True):
-    """Per row: (n_c [B,R,C] visible label tokens of each class, n_t [B,R] real tokens up to the row).
-
-    rows [B,R] (-1 = empty slot, counts 0). Without causality every real key is visible.
-    """
-    real = torch.ones_like(key_class, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    one_hot = label_one_hot(key_class, num_classes, torch.bool) & real[:, :, None]
-    if causal:
-        class_counts = one_hot.long().cumsum(1)  # [B,N,C]
-        token_counts = real.long().cumsum(1)  # [B,N]
-        safe = rows.clamp(min=0)
-        n_c = class_counts.gather(1, safe[:, :, None].expand(-1, -1, num_classes))
-        n_t = token_counts.gather(1, safe)
-    else:
-        n_c = one_hot.long().sum(1, keepdim=True).expand(-1, rows.shape[1], -1)
-        n_t = real.long().sum(1, keepdim=True).expand(-1, rows.shape[1])
-    empty = rows < 0
-    return n_c.masked_fill(empty[:, :, None], 0), n_t.masked_fill(empty, 0)
 
 
 def abft_loss(masses: Union[torch.Tensor, Sequence[torch.Tensor]], target_class, key_class, query_rows=None,

@@ -1,4 +1,4 @@
-"""pytest plugin of the GPU session (benchmarks/gpu_session.py): a time limit per test and a record of each test
+"""pytest plugin of the GPU session (scripts/gpu_session.py): a time limit per test and a record of each test
 as it happens, so that a run killed half way still says what passed, what failed and which test it was in.
 
 Load it with `python -m pytest -p benchmarks.pytest_time_limit` from the repository root. Environment:

@@ -41,7 +41,7 @@ ROW_KEYS = {
 DEFAULTS = dict(levels=["kernel", "model"], methods=list(METHODS), modes=list(MODES), rows=list(ROW_SETS),
                 model_methods=list(model_level.MODEL_METHODS), plots=True, priority=None)
 PRESETS = {
-    # Issue 11's headline on one GPU: Llama-3-8B attention in bf16, the rows that its goals need first
+    # The headline on one GPU: Llama-3-8B attention in bf16, the rows that its goals need first
     # (R = 1 forward + backward, then R = N forward). flex is left out (its compiles take minutes): add it
     # with --methods flex.
     "gpu-headline": dict(
@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, few repetitions, SmolLM2-135M at N=256: a CPU smoke test")
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="gpu-headline: issue 11's headline sweep (bf16 Llama-3-8B attention, N=2048/8192/32768, "
-                             "rows last and all, then demos (R=N/64) fwd+bwd; Llama-3-8B steps at N=4096/32768), written as headline.json/.md; "
+                        help="gpu-headline: the GPU headline sweep (bf16 Llama-3-8B attention, N=2048/8192/32768, "
+                             "rows last and all, then demos (R=N/64) fwd+bwd; Llama-3-8B steps at N=4096/32768), written as gpu-headline.json/.md; "
                              "options given explicitly override it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device name>/")

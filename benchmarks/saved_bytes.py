@@ -1,4 +1,4 @@
-"""Bytes autograd keeps for backward from one label_attention forward, at N and 2N (issue 13's case).
+"""Bytes autograd keeps for backward from one label_attention forward, at N and 2N (the long-context case).
 
     python -m benchmarks.saved_bytes [--backend torch] [--seq-lens 2048 4096]
 

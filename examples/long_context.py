@@ -25,18 +25,18 @@ from pathlib import Path
 
 import torch
 
-from abft_kernels.evaluation import evaluate, peak_memory_mb, reset_peak_memory
+from abft_kernels.recipes.evaluation import evaluate, peak_memory_mb, reset_peak_memory
 from abft_kernels.hf import trainable_qk
-from abft_kernels.icl import ICLCollator, PromptBuilder, load_task, sample_prompts, training_prompts
-from abft_kernels.models import DEFAULT_MODEL, load_model
-from abft_kernels.training import ABFTTrainer, abft_training_arguments
+from abft_kernels.recipes.icl import ICLCollator, PromptBuilder, load_task, sample_prompts, training_prompts
+from abft_kernels.recipes.models import DEFAULT_MODEL, load_model
+from abft_kernels.recipes.training import ABFTTrainer, abft_training_arguments
 
 
 def eager_estimate_gib(model, seq_len: int) -> float:
     """What one training step with eager attention and output_attentions needs at seq_len tokens, in GiB: the
     weights plus two N x N fp32 tensors per (layer, head) (the probabilities every layer returns, kept for the loss,
     and one more of that size in backward). The estimate of benchmarks/model_level.py for fp32; measured eager
-    peaks are in benchmarks/results/<cpu>/long_context.md."""
+    peaks are in benchmarks/results/<cpu>/long_context_final.md."""
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return (weights + config.num_hidden_layers * config.num_attention_heads * seq_len ** 2 * 8) / 2 ** 30

@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from abft_kernels.cli import main as abft
-from abft_kernels.icl import PAPER_TASKS
+from abft_kernels.recipes.cli import main as abft
+from abft_kernels.recipes.icl import PAPER_TASKS
 
 
 def run(model: str, datasets, output_root: Path, eval_prompts: int, train_options) -> None:

@@ -16,9 +16,9 @@ import transformers
 
 from abft_kernels.export import export_peft_adapter, export_pretrained
 from abft_kernels.hf import trainable_qk
-from abft_kernels.icl import ICLCollator, PromptBuilder, load_task, sample_prompts, training_prompts
-from abft_kernels.models import load_model
-from abft_kernels.training import ABFTTrainer, abft_training_arguments, apply_trained_weights, icl_accuracy
+from abft_kernels.recipes.icl import ICLCollator, PromptBuilder, load_task, sample_prompts, training_prompts
+from abft_kernels.recipes.models import load_model
+from abft_kernels.recipes.training import ABFTTrainer, abft_training_arguments, apply_trained_weights, icl_accuracy
 
 
 def main():

@@ -1,6 +1,6 @@
 """Check that the packaged pretrained models run exactly through attn_implementation="abft".
 
-For each model (loaded with `abft_kernels.models.load_model`, float32, CPU) and one batch of short ICL prompts of the
+For each model (loaded with `abft_kernels.recipes.models.load_model`, float32, CPU) and one batch of short ICL prompts of the
 built-in rt-sentiment task (k demonstrations each, right-padded), compare against the same weights run with
 transformers' own attention:
 
@@ -32,8 +32,8 @@ import torch
 
 import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, trainable_qk
-from abft_kernels.icl import ICLCollator, PromptBuilder, load_task, sample_prompts
-from abft_kernels.models import PACKAGED_MODELS, load_model
+from abft_kernels.recipes.icl import ICLCollator, PromptBuilder, load_task, sample_prompts
+from abft_kernels.recipes.models import PACKAGED_MODELS, load_model
 
 LIMIT = 5e-6  # issue 23: masses equal eager to 5e-6 (relative)
 SANITY_PROMPT = "The capital of France is"  # a converted model should continue sensibly: the conversion's check

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from abft_kernels.icl import PROMPT_STYLES, Example, PromptBuilder, load_staicc, staicc_prompts
+from abft_kernels.recipes.icl import PROMPT_STYLES, Example, PromptBuilder, load_staicc, staicc_prompts
 
 STAICC_DOC_EXAMPLE = ("review: thoughtful , provocative and entertaining . sentiment: positive\n"
                       "review: don't be fooled by the impressive cast list - eye see you is pure junk . "
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from abft_kernels.models import resolve_model
+    from abft_kernels.recipes.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     root = Path(args.staicc_root)

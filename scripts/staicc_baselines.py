@@ -1,6 +1,6 @@
 """Vanilla and contextually calibrated ICL accuracy under StaICC's protocol, per prompt style.
 
-Rebuilds StaICC's test prompts from its exported data (see abft_kernels/icl/staicc.py), reads out the label
+Rebuilds StaICC's test prompts from its exported data (see abft_kernels/recipes/icl/staicc.py), reads out the label
 words at the query token as `abft eval` does, and calibrates with content-free queries after demonstration
 sets drawn from the training pool (StaICC's calibration split).
 
@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from abft_kernels.calibration import content_free_prompts, contextual_calibration, sample_demonstration_sets
-from abft_kernels.icl import PROMPT_STYLES, PromptBuilder, load_staicc, staicc_prompts
-from abft_kernels.models import load_model
+from abft_kernels.recipes.calibration import content_free_prompts, contextual_calibration, sample_demonstration_sets
+from abft_kernels.recipes.icl import PROMPT_STYLES, PromptBuilder, load_staicc, staicc_prompts
+from abft_kernels.recipes.models import load_model
 
 
 def main() -> None:

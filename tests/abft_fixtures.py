@@ -13,7 +13,7 @@ needs_builtin = pytest.mark.skipif(
 
 def truncated_model(num_layers: int):
     """The converted SmolLM2 with only its first layers: real weights and tokenizer, a fraction of the cost."""
-    from abft_kernels.models import load_model
+    from abft_kernels.recipes.models import load_model
 
     model, tokenizer = load_model()
     model.model.layers = model.model.layers[:num_layers]

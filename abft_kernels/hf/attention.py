@@ -25,10 +25,10 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..ops.label_attention import LabelAttentionArgs, attention_output, label_attention
+from ..ops.label_attention import LabelAttentionArgs, attention_output, label_attention, visible_keys
 from .label_spec import LabelSpec
-from .model_call import (ATTN_IMPLEMENTATION, DOCUMENT_KWARGS, Document, MaskKinds, ModelCall, current_call,
-                         documents_from_boundaries)
+from .model_call import (ATTN_IMPLEMENTATION, DOCUMENT_KWARGS, Document, MaskKinds, ModelCall, check_same_documents,
+                         current_call, documents_from_boundaries)
 
 # Keywords of transformers' attention functions that change the attention math when not None.
 _UNSUPPORTED_KEYWORDS = {
@@ -204,10 +204,8 @@ def _packed_documents(module, query: torch.Tensor, key: torch.Tensor, attention_
     else:
         both = [torch.as_tensor(kwargs.get(name, cu_seq_lens)).reshape(-1) for name in DOCUMENT_KWARGS]
         read = torch.cat(both).tolist()  # one host sync
-        values, key_values = read[:both[0].numel()], read[both[0].numel():]
-        if values != key_values:
-            raise ValueError("attn_implementation='abft' supports packed sequences whose cu_seq_lens_q and "
-                             f"cu_seq_lens_k are equal (no cached keys), got {values} and {key_values}")
+        values = read[:both[0].numel()]
+        check_same_documents(values, read[both[0].numel():])
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"attn_implementation='abft' cannot run packed sequences (cu_seq_lens_q/k) with cached keys "
                          f"({query.shape[2]} queries over {key.shape[2]} keys): call the model without past key values")
@@ -376,15 +374,7 @@ def _attention_with_sinks(module, query, key, value, visible, scaling, dropout, 
 
 def _visible_keys(q_len: int, kv_len: int, padding: Optional[torch.Tensor], causal: bool, window: Optional[int],
                   device: torch.device) -> torch.Tensor:
-    """bool [B or 1, 1, q_len, kv_len]: which keys each query sees; the queries are the last q_len positions."""
-    key_pos = torch.arange(kv_len, device=device)
-    query_pos = key_pos[kv_len - q_len:, None]
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    if causal:
-        visible &= key_pos <= query_pos
-    if window is not None:
-        visible &= key_pos > query_pos - window
-    visible = visible[None, None]
-    if padding is not None:
-        visible = visible & padding[:, None, None, :]
-    return visible
+    """bool [B or 1, 1, q_len, kv_len]: which keys each query sees (the op's rule, `visible_keys`); the queries are
+    the last q_len positions."""
+    rows = torch.arange(kv_len - q_len, kv_len, device=device)[None]
+    return visible_keys(rows, kv_len, causal, padding, window)[:, None]

@@ -83,6 +83,28 @@ def documents_from_boundaries(cu_seq_lens: List[int], batch_size: int, seq_len: 
 
 @dataclass
 class ModelCall:
+    """The state of one model call with attn_implementation="abft", shared by the hf modules through the context
+    variable `current_call` (one object per outermost forward; nested calls of the same forward see it too).
+
+    Who writes and who reads each field:
+
+    =====================  ==============================================  =============================================
+    field                  written by                                      read by
+    =====================  ==============================================  =============================================
+    owner, spec,           enter_call (from the forward's arguments)       leave_call; attention.abft_attention_forward
+    grad_enabled, token                                                    (spec: which call the masses belong to);
+                                                                           patching (spec carried in rotary embeddings)
+    padding_free,          enter_call (_check_call: one host sync)         attention.abft_mask_function
+    mask_length
+    mask_kinds             attention._read_mask_function (as transformers  attention.abft_attention_forward,
+                           builds each mask)                               attention._packed_documents
+    cu_seq_lens,           enter_call (_check_call, _read_cu_seq_lens)     enter_call (passes them on as keywords);
+    cu_seq_lens_values                                                     attention._packed_documents, _read_mask_function
+    masses,                attention.abft_attention_forward (one per       leave_call (outputs.attentions; the checks)
+    masses_without_grad    layer, in layer order)
+    =====================  ==============================================  =============================================
+    """
+
     owner: torch.nn.Module  # the outermost model whose forward this is
     spec: Optional[LabelSpec]
     grad_enabled: bool  # autograd mode of the call
@@ -258,14 +280,23 @@ def _check_call(call: ModelCall, attention_mask, position_ids, kwargs, batch_siz
                              f"{sorted(set(call.cu_seq_lens_values))[1:-1]} and {boundaries[1:-1]}")
 
 
+def check_same_documents(cu_seq_lens_q: List[int], cu_seq_lens_k: List[int]) -> None:
+    """Packed documents are read from cu_seq_lens_q and cu_seq_lens_k only when both are equal: queries and keys
+    are the same tokens (no cached keys).
+
+    Raises:
+        ValueError: the two differ.
+    """
+    if cu_seq_lens_q != cu_seq_lens_k:
+        raise ValueError("attn_implementation='abft' supports packed sequences whose cu_seq_lens_q and "
+                         f"cu_seq_lens_k are equal (no cached keys), got {cu_seq_lens_q} and {cu_seq_lens_k}")
+
+
 def _read_cu_seq_lens(call: ModelCall, kwargs, given: List[str], values: Dict[str, list], padded: bool) -> None:
     """Documents given as flash attention's keywords: both, equal (queries and keys are the same tokens), no padding."""
     if len(given) != len(DOCUMENT_KWARGS):
         raise ValueError(f"packed sequences need both cu_seq_lens_q and cu_seq_lens_k, got only {given[0]}")
-    if values["cu_seq_lens_q"] != values["cu_seq_lens_k"]:
-        raise ValueError("attn_implementation='abft' supports packed sequences whose cu_seq_lens_q and "
-                         f"cu_seq_lens_k are equal (no cached keys), got {values['cu_seq_lens_q']} and "
-                         f"{values['cu_seq_lens_k']}")
+    check_same_documents(values["cu_seq_lens_q"], values["cu_seq_lens_k"])
     if padded:
         raise ValueError("attn_implementation='abft' does not take cu_seq_lens_q/k (packed sequences) together with "
                          "an attention_mask that pads: pack the sequences or pad them, not both")

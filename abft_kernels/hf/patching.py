@@ -4,7 +4,7 @@ Every way a model gets the "abft" implementation runs it (registration.py wraps 
 PreTrainedModel.post_init and set_attn_implementation):
 
 * construction with it: `from_pretrained(..., attn_implementation="abft")`, `from_config(...)`,
-  `abft_kernels.models.load_model`, or a config whose _attn_implementation is "abft" (post_init runs at the
+  `abft_kernels.recipes.models.load_model`, or a config whose _attn_implementation is "abft" (post_init runs at the
   end of every model's __init__, so the modules exist);
 * `model.set_attn_implementation("abft")` and `apply_abft(model)`.
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from abft_kernels import cli
+from abft_kernels.recipes import cli
 from benchmarks import run
 from benchmarks.methods import METHODS
 from benchmarks.model_level import MODEL_METHODS

@@ -7,7 +7,7 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-from abft_kernels.icl import PromptBuilder, Template  # noqa: E402
+from abft_kernels.recipes.icl import PromptBuilder, Template  # noqa: E402
 
 TEMPLATE = Template("review: ", "sentiment:", ("1", "2"))
 

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-import abft_kernels.models as models  # noqa: E402
+import abft_kernels.recipes.models as models  # noqa: E402
 from abft_kernels.hf import LabelSpec, apply_abft, trainable_qk  # noqa: E402
 
 import hf_families  # noqa: E402

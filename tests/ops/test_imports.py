@@ -6,7 +6,7 @@ import sys
 
 def test_import_loads_no_recipe_code():
     code = ("import abft_kernels, sys; print(sorted(m for m in sys.modules if m.startswith(("
-            "'abft_kernels.icl', 'abft_kernels.settings', 'abft_kernels.training', 'abft_kernels.workflow', "
+            "'abft_kernels.recipes.icl', 'abft_kernels.recipes.settings', 'abft_kernels.recipes.training', 'abft_kernels.recipes.workflow', "
             "'transformers', 'datasets'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

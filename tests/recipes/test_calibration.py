@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import abft_kernels  # noqa: F401  (registers attn_implementation="abft")
-from abft_kernels.calibration import (CONTENT_FREE_QUERIES, content_free_prompts, contextual_calibration,
+from abft_kernels.recipes.calibration import (CONTENT_FREE_QUERIES, content_free_prompts, contextual_calibration,
                                       sample_demonstration_sets)
-from abft_kernels.evaluation import evaluate, label_logits
-from abft_kernels.icl import Example, PromptBuilder, Template
+from abft_kernels.recipes.evaluation import evaluate, label_logits
+from abft_kernels.recipes.icl import Example, PromptBuilder, Template
 from tiny_icl import tiny_llama, tiny_tokenizer
 
 TEMPLATE = Template("review: ", "sentiment:", ("negative", "neutral", "positive"))

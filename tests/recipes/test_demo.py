@@ -4,7 +4,7 @@ import json
 import pytest
 
 from abft_fixtures import needs_builtin
-from abft_kernels.cli import main
+from abft_kernels.recipes.cli import main
 
 pytestmark = needs_builtin
 

@@ -16,8 +16,8 @@ import torch
 
 from abft_kernels.export import export_peft_adapter, export_pretrained
 from abft_kernels.hf import trainable_qk
-from abft_kernels.icl import ICLCollator, PromptBuilder, Template, load_task, training_prompts
-from abft_kernels.training import CONFIG_FILE, ABFTTrainer, abft_training_arguments, apply_trained_weights
+from abft_kernels.recipes.icl import ICLCollator, PromptBuilder, Template, load_task, training_prompts
+from abft_kernels.recipes.training import CONFIG_FILE, ABFTTrainer, abft_training_arguments, apply_trained_weights
 from tiny_icl import tiny_tokenizer
 
 SENTIMENT = Template("review: ", "sentiment:", ("negative", "positive"))
@@ -98,6 +98,7 @@ OUTSIDE = textwrap.dedent("""
     import sys, torch
     from transformers import AutoModelForCausalLM
     plain, base, adapter, ids, out = sys.argv[1:]
+    torch.set_num_threads(1)  # as the test process: CPU matmuls may sum in another order on another thread count
     ids = torch.tensor(eval(ids))
     load = lambda folder: AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     result = {}
@@ -152,8 +153,10 @@ def test_python_api_run_reloads_and_exports_exactly(tmp_path, family, lora):
     if lora:
         assert torch.equal(outside["peft"], expected)
         # Merged, W + scaling * B A rounds to float32 once more than the unmerged sum: the export is as close to the
-        # float64 function as the trained model itself is (0.4e-6 to 0.9e-6 relative on these peaked tiny models).
-        assert relative_error(outside["plain"], truth) < 2 * relative_error(expected, truth) < 2e-6
+        # float64 function as the trained model itself is (0.4e-6 to 1.9e-6 relative on these peaked tiny models,
+        # float32 rounding, depending on the installed torch and peft).
+        own = relative_error(expected, truth)
+        assert own < 1e-5 and relative_error(outside["plain"], truth) < 2 * own
     else:
         assert torch.equal(outside["plain"], expected)
 
@@ -207,7 +210,7 @@ def test_apply_refuses_a_run_of_another_split(tmp_path):
 
 def test_export_command(tmp_path):
     """`abft export --weights RUN --output-dir DIR --adapter-dir DIR` on a LoRA run of the Python API."""
-    from abft_kernels.cli import main
+    from abft_kernels.recipes.cli import main
 
     base, trained = python_api_run(tmp_path, "gpt2", 4)
     main(["export", "--weights", str(tmp_path / "run"), "--output-dir", str(tmp_path / "plain"),
@@ -215,7 +218,8 @@ def test_export_command(tmp_path):
     outside = load_outside(tmp_path, tmp_path / "plain", base, tmp_path / "adapter")
     expected, truth = logits(trained), logits(copy.deepcopy(trained).double())
     assert torch.equal(outside["peft"], expected)
-    assert relative_error(outside["plain"], truth) < 2 * relative_error(expected, truth) < 2e-6
+    own = relative_error(expected, truth)
+    assert own < 1e-5 and relative_error(outside["plain"], truth) < 2 * own
     assert (tmp_path / "plain" / "tokenizer.json").is_file()
 
 
@@ -223,7 +227,7 @@ def test_export_refusals(tmp_path):
     base, trained = python_api_run(tmp_path, "llama", None)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         export_peft_adapter(trained, tmp_path / "adapter")
-    from abft_kernels.cli import main
+    from abft_kernels.recipes.cli import main
 
     with pytest.raises(ValueError, match="without LoRA adapters"):
         main(["export", "--weights", str(tmp_path / "run"), "--output-dir", str(tmp_path / "plain"),

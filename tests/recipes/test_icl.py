@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from abft_fixtures import needs_builtin, truncated_model
-from abft_kernels.icl import (PAPER_TASKS, Example, ICLCollator, PromptBuilder, Template, load_task,
+from abft_kernels.recipes.icl import (PAPER_TASKS, Example, ICLCollator, PromptBuilder, Template, load_task,
                               sample_prompts, training_prompts)
 
 pytestmark = needs_builtin
@@ -17,7 +17,7 @@ pytestmark = needs_builtin
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from abft_kernels.models import convert_default_model
+    from abft_kernels.recipes.models import convert_default_model
 
     return AutoTokenizer.from_pretrained(convert_default_model())
 
@@ -167,7 +167,7 @@ def test_local_csv_with_label_words_and_jsonl_with_class_ids(tmp_path):
 def test_read_out_is_argmax_over_label_word_logits_at_the_query_token(tokenizer, sentiment):
     """evaluate() against a plain sdpa forward of each prompt alone, and its label attention against
     eager attention weights."""
-    from abft_kernels.evaluation import evaluate
+    from abft_kernels.recipes.evaluation import evaluate
 
     model, _ = truncated_model(num_layers=3)
     builder = PromptBuilder(tokenizer, sentiment.template)

@@ -1,4 +1,4 @@
-"""`--model` resolution (abft_kernels.models): packaged models by name, GGUF files converted once into a cache
+"""`--model` resolution (abft_kernels.recipes.models): packaged models by name, GGUF files converted once into a cache
 folder keyed by the file's size and modification time, and the errors that name the pip command.
 
 Nothing here needs the model wheels or the network: the GGUFs are tiny Llamas written with gguf.GGUFWriter (a
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import abft_kernels.models as models
+import abft_kernels.recipes.models as models
 
 gguf = pytest.importorskip("gguf")
 

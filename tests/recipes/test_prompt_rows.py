@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from abft_kernels.forward import abft_forward
-from abft_kernels.icl import LOSS_ROWS, Example, ICLCollator, PromptBuilder, Template
-from abft_kernels.settings import PAPER, data_settings
-from abft_kernels.training import ZERO_COUNT_WARNING, count_check
-from abft_kernels.workflow import held_out_settings
+from abft_kernels.recipes.icl import LOSS_ROWS, Example, ICLCollator, PromptBuilder, Template
+from abft_kernels.recipes.settings import PAPER, data_settings
+from abft_kernels.recipes.training import ZERO_COUNT_WARNING, count_check
+from abft_kernels.recipes.workflow import held_out_settings
 from tiny_icl import WORDS, tiny_llama, tiny_tokenizer
 
 SENTIMENT = Template("review: ", "sentiment:", ("negative", "positive"))
@@ -148,7 +148,7 @@ def test_count_check_warns_when_the_first_step_counts_no_head():
 def test_train_command_warns_in_the_console_and_report_when_no_head_counts(tmp_path, caplog, capsys):
     """A tiny Llama of near-uniform attention (init std 0.02): no head passes the filter S > T, so the loss is 0; the
     first step logs a WARNING and report.json carries it."""
-    from abft_kernels.cli import main
+    from abft_kernels.recipes.cli import main
 
     tokenizer = tiny_tokenizer()
     tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
@@ -158,7 +158,7 @@ def test_train_command_warns_in_the_console_and_report_when_no_head_counts(tmp_p
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         writer.writerows([" ".join(fillers[i % 7:i % 7 + 4]), i % 2] for i in range(24))
-    with caplog.at_level(logging.WARNING, logger="abft_kernels.training"):
+    with caplog.at_level(logging.WARNING, logger="abft_kernels.recipes.training"):
         main(["train", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "task.csv"),
               "--label-words", "negative,positive", "--input-prefix", "review: ", "--label-prefix", "sentiment:",
               "--eval-prompts", "8", "--k", "2", "--threads", "1", "--steps", "2", "--prompts-per-step", "2",

@@ -4,12 +4,12 @@ from dataclasses import fields, replace
 
 import pytest
 
-from abft_kernels.cli import build_parser
+from abft_kernels.recipes.cli import build_parser
 from abft_kernels.loss import FixedA, PIDController, SetpointController, make_controller
-from abft_kernels.settings import (DEMO, PAPER, QUICK, SPLIT_SETTINGS, ABFTSettings, DataSettings, data_settings,
+from abft_kernels.recipes.settings import (DEMO, PAPER, QUICK, SPLIT_SETTINGS, ABFTSettings, DataSettings, data_settings,
                                    given_settings)
-from abft_kernels.training import count_check
-from abft_kernels.workflow import held_out_settings
+from abft_kernels.recipes.training import count_check
+from abft_kernels.recipes.workflow import held_out_settings
 
 
 def parse(*argv):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from abft_kernels.icl import (Example, PromptBuilder, StaICCTask, Template, is_staicc_source, load_staicc,
+from abft_kernels.recipes.icl import (Example, PromptBuilder, StaICCTask, Template, is_staicc_source, load_staicc,
                               staicc_prompts, staicc_template)
 from tiny_icl import tiny_tokenizer, write_staicc_diag, write_staicc_files
 
@@ -167,7 +167,7 @@ def test_train_and_eval_commands_follow_staicc(tmp_path, tokenizer):
     by default, and `abft eval --weights` rebuilds the same held-out prompts from the run's settings."""
     from tiny_icl import tiny_llama
 
-    from abft_kernels.cli import main
+    from abft_kernels.recipes.cli import main
 
     root = make_root(tmp_path)
     tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from abft_kernels.calibration import contextual_calibration
-from abft_kernels.cli import main
-from abft_kernels.icl import Example, PromptBuilder, Template
-from abft_kernels.models import load_model
-from abft_kernels.suite import (SUITE, SuiteRun, calibration_prompts, consistency, parse_parts,
+from abft_kernels.recipes.calibration import contextual_calibration
+from abft_kernels.recipes.cli import main
+from abft_kernels.recipes.icl import Example, PromptBuilder, Template
+from abft_kernels.recipes.models import load_model
+from abft_kernels.recipes.suite import (SUITE, SuiteRun, calibration_prompts, consistency, parse_parts,
                                 unseen_label_prompts)
 from tiny_icl import tiny_tokenizer
 
@@ -129,7 +129,7 @@ def test_parts_run_alone_and_train_only_what_they_need(tmp_path):
 
 def test_report_keeps_the_parts_finished_before_an_interrupt(tmp_path, monkeypatch):
     """report.json is written after every part: a run stopped in its second part keeps the first."""
-    from abft_kernels import suite
+    from abft_kernels.recipes import suite
 
     tokenizer = save_counting_llama(tmp_path / "model")
     task = write_task(tmp_path / "sentiment.csv", ["negative", "positive"])
@@ -238,7 +238,7 @@ def test_mode_connectivity_grid_corners_are_the_three_models(tmp_path):
 
 
 def test_connectivity_lambdas_are_checked():
-    from abft_kernels.suite import parse_lambdas
+    from abft_kernels.recipes.suite import parse_lambdas
 
     assert parse_lambdas("0, 0.5,1") == [0.0, 0.5, 1.0]
     for bad in ("1", "a,b", "1,1", "0,0,1", "1,0", "nan,1", "0,inf"):

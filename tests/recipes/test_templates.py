@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from abft_kernels.icl import PAPER_TASKS, ICLTask
-from abft_kernels.icl.data import BUILTIN_PAPER_TASK, template_factors
-from abft_kernels.icl.templates import ORTHOGONAL_L9, template_variants
+from abft_kernels.recipes.icl import PAPER_TASKS, ICLTask
+from abft_kernels.recipes.icl.data import BUILTIN_PAPER_TASK, template_factors
+from abft_kernels.recipes.icl.templates import ORTHOGONAL_L9, template_variants
 
 DIAG = Path(__file__).resolve().parents[3] / "shared" / "data" / "staicc" / "diag.json"
 STAICC_NAMES = {"rotten_tomatoes": "mr", "financial_phrasebank": "fp", "sst5": "sst5", "trec": "trec",

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from abft_kernels.cli import main
-from abft_kernels.icl import ICLCollator, PromptBuilder, Template, load_task, training_prompts
-from abft_kernels.training import CONFIG_FILE, WEIGHTS_FILE
+from abft_kernels.recipes.cli import main
+from abft_kernels.recipes.icl import ICLCollator, PromptBuilder, Template, load_task, training_prompts
+from abft_kernels.recipes.training import CONFIG_FILE, WEIGHTS_FILE
 from tiny_icl import tiny_tokenizer
 
 SENTIMENT = Template("review: ", "sentiment:", ("negative", "positive"))
@@ -69,8 +69,8 @@ def test_e2e_step_trains_lora_on_query_key_with_the_read_out_cross_entropy(tmp_p
     from dataclasses import replace
 
     from abft_kernels.hf import trainable_qk
-    from abft_kernels.settings import E2E_LORA_RANK, PAPER
-    from abft_kernels.training import ABFTTrainer, abft_training_arguments
+    from abft_kernels.recipes.settings import E2E_LORA_RANK, PAPER
+    from abft_kernels.recipes.training import ABFTTrainer, abft_training_arguments
 
     torch.set_num_threads(1)
     tokenizer = tiny_tokenizer()
@@ -108,7 +108,7 @@ def test_e2e_step_trains_lora_on_query_key_with_the_read_out_cross_entropy(tmp_p
 def test_train_objective_e2e_command(tiny_run_inputs, tmp_path):
     """`abft train --objective e2e`: LoRA of the paper's rank unless --lora is given, its log has the
     cross-entropy and no A, and `abft eval --weights` applies the adapters."""
-    from abft_kernels.settings import E2E_LORA_RANK
+    from abft_kernels.recipes.settings import E2E_LORA_RANK
 
     model, task = tiny_run_inputs
     main(["train", "--model", str(model), "--dataset", str(task), *TASK_OPTIONS, "--objective", "e2e",
@@ -131,7 +131,7 @@ def test_train_objective_e2e_command(tiny_run_inputs, tmp_path):
 def test_load_in_4bit_is_refused_before_loading_without_lora_bitsandbytes_or_cuda(tmp_path, monkeypatch):
     """--load-in-4bit needs --lora, bitsandbytes and a CUDA GPU; each missing one is a ValueError that names the
     option, raised before any model is loaded (the model folder does not even exist)."""
-    import abft_kernels.models as models
+    import abft_kernels.recipes.models as models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
@@ -161,7 +161,7 @@ def test_torchrun_two_processes_equal_one_process(tiny_run_inputs, tmp_path, obj
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "abft_kernels.cli", *options, "--output-dir", str(tmp_path / "two")],
+                           "-m", "abft_kernels.recipes.cli", *options, "--output-dir", str(tmp_path / "two")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

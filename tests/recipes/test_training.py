@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from abft_fixtures import needs_builtin, truncated_model
-from abft_kernels.icl import ICLCollator, PromptBuilder, load_task, training_prompts
-from abft_kernels.training import (CONFIG_FILE, WEIGHTS_FILE, ABFTTrainer, abft_training_arguments,
+from abft_kernels.recipes.icl import ICLCollator, PromptBuilder, load_task, training_prompts
+from abft_kernels.recipes.training import (CONFIG_FILE, WEIGHTS_FILE, ABFTTrainer, abft_training_arguments,
                                    apply_trained_weights)
 
 pytestmark = needs_builtin
@@ -33,7 +33,7 @@ def make_trainer(model, tokenizer, task, output_dir, steps, callbacks=(), save_s
 
 
 def test_one_step_changes_only_query_and_key_weights(task, tmp_path):
-    from abft_kernels.models import load_model
+    from abft_kernels.recipes.models import load_model
 
     model, tokenizer = load_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -122,8 +122,8 @@ def test_train_and_eval_commands_on_another_architecture(tmp_path):
     """A user's own model: a tiny random GPT-2 (fused c_attn, attention dropout in its config) on disk."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from abft_kernels.cli import main
-    from abft_kernels.models import convert_default_model
+    from abft_kernels.recipes.cli import main
+    from abft_kernels.recipes.models import convert_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(convert_default_model())
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=4, attn_pdrop=0.1,
@@ -150,8 +150,8 @@ def test_train_ablations(tmp_path, ablation, flags):
     """`abft train` with each ablation of the paper's method (issue 14): a tiny random GPT-2, two steps."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from abft_kernels.cli import main
-    from abft_kernels.models import convert_default_model
+    from abft_kernels.recipes.cli import main
+    from abft_kernels.recipes.models import convert_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(convert_default_model())
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=1, n_head=2,

@@ -12,11 +12,11 @@ from transformers import TrainerCallback
 
 import abft_kernels as ak
 from abft_kernels.hf import LabelSpec, trainable_qk
-from abft_kernels.icl import ICLCollator, PromptBuilder, load_task, training_prompts
+from abft_kernels.recipes.icl import ICLCollator, PromptBuilder, load_task, training_prompts
 from abft_kernels.ops.label_attention.sdpa import attention_output
 from abft_kernels.ops.label_attention.validation import LabelAttentionArgs
-from abft_kernels.settings import PAPER
-from abft_kernels.training import WEIGHTS_FILE, ABFTTrainer, abft_training_arguments, icl_accuracy
+from abft_kernels.recipes.settings import PAPER
+from abft_kernels.recipes.training import WEIGHTS_FILE, ABFTTrainer, abft_training_arguments, icl_accuracy
 from test_train_options import SENTIMENT, counting_llama, write_task
 from tiny_icl import tiny_llama, tiny_tokenizer
 

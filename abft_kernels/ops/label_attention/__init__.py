@@ -11,13 +11,14 @@ backend with the same three members (NAME, unsupported, label_attention):
 * sink_key: attention sinks for the SDPA-based paths (torch, cuda) as one more, virtual key.
 
 Outside this folder, code imports only what this package exports: the op and its backend queries, and the few
-pieces the transformers integration, the loss and the benchmarks share with it (the argument checks, the one-hot
-label matrix and row gather, and the output-only path).
+pieces the transformers integration, the loss and the benchmarks share with it (the argument checks, the
+visibility rule `visible_keys` and its label counts, the one-hot label matrix and row gather, and the output-only
+path).
 """
 from .backends import BACKENDS, AUTO_ORDER, BackendChoice, backend_available, backend_status
 from .extension import cuda_extension_available, cuda_extension_status
 from .interface import label_attention, resolve_backend
-from .masks import gather_rows, label_one_hot
+from .masks import gather_rows, label_one_hot, visible_keys, visible_label_counts
 from .sdpa import attention_output
 from .validation import LabelAttentionArgs, check_integer, index_value_flags, raise_for_index_values
 
@@ -25,4 +26,5 @@ __all__ = [
     "AUTO_ORDER", "BACKENDS", "BackendChoice", "LabelAttentionArgs", "attention_output", "backend_available",
     "backend_status", "check_integer", "cuda_extension_available", "cuda_extension_status", "gather_rows",
     "index_value_flags", "label_attention", "label_one_hot", "raise_for_index_values", "resolve_backend",
+    "visible_keys", "visible_label_counts",
 ]

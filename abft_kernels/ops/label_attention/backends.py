@@ -1,11 +1,14 @@
 """The backends of label_attention, what each can take, and how backend="auto" chooses.
 
-Every backend is a module of this package with the same three members:
+Every backend is a module of this package with a ``NAME`` (the string users pass as ``backend=``), an
+``unsupported(args) -> Optional[str]`` (None when the backend computes these validated arguments exactly, else the
+reason it cannot: device, dtype, head dims, number of classes, ...) and one function ``(args) -> (out, mass)``
+named for what it does (``BACKEND_FUNCTIONS``):
 
-* ``NAME``: the string users pass as ``backend=``;
-* ``unsupported(args) -> Optional[str]``: None when the backend computes these (validated) arguments exactly,
-  else the reason it cannot (device, dtype, head dims, number of classes, ...);
-* ``label_attention(args) -> (out, mass)``: the computation.
+* reference_backend.reference_label_attention: float64, materialises the N x N probabilities (the oracle);
+* torch_backend.sdpa_with_row_mass: SDPA's output plus an exact recompute of the mass rows (row_mass_torch);
+* triton_backend.fused_label_attention: the fused flash-attention kernel that also accumulates the masses;
+* cuda_backend.sdpa_with_cuda_row_mass: SDPA's output plus the compiled row-mass kernels of csrc/.
 
 A backend is *available* when its module imports: the module of an optional backend raises ImportError with
 the reason (Triton not installed, the CUDA extension not built) when it cannot run here.
@@ -35,6 +38,8 @@ from typing import NamedTuple, Optional, Tuple
 from .validation import LabelAttentionArgs
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+BACKEND_FUNCTIONS = {"reference": "reference_label_attention", "torch": "sdpa_with_row_mass",
+            "triton": "fused_label_attention", "cuda": "sdpa_with_cuda_row_mass"}
 _MODULES = {
     "reference": f"{__package__}.reference_backend",
     "torch": f"{__package__}.torch_backend",

@@ -101,7 +101,7 @@ class CUDARowMassFunction(torch.autograd.Function):
         return _sum_slot_grads(grad_q_rows, args.query_rows, q), grad_k, grad_sinks, None
 
 
-def label_attention(args: LabelAttentionArgs):
+def sdpa_with_cuda_row_mass(args: LabelAttentionArgs):
     out = attention_output(args)
     rows = all_rows(args) if args.query_rows is None else args.query_rows
     padding = None if args.key_padding_mask is None else args.key_padding_mask.contiguous()

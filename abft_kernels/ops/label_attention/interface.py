@@ -1,7 +1,7 @@
 """The public op: label_attention, and resolve_backend that says which backend a call would run on."""
 from __future__ import annotations
 
-from .backends import BackendChoice, choose_backend
+from .backends import BACKEND_FUNCTIONS, BackendChoice, choose_backend
 from .sdpa import autocast_inputs
 from .validation import validate_label_attention_args
 
@@ -77,9 +77,9 @@ def label_attention(q, k, v, key_class, num_classes, query_rows=None, causal=Tru
     q, k, v, context = autocast_inputs(q, k, v)
     args = validate_label_attention_args(q, k, v, key_class, num_classes, query_rows, causal, scale,
                                          key_padding_mask, sinks, check_values=_check_values)
-    module, _ = choose_backend(backend, args)
+    module, choice = choose_backend(backend, args)
     with context:
-        return module.label_attention(args)
+        return getattr(module, BACKEND_FUNCTIONS[choice.name])(args)
 
 
 def resolve_backend(q, k, v, key_class, num_classes, query_rows=None, causal=True, scale=None,

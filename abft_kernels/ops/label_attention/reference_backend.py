@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .validation import LabelAttentionArgs
-from .masks import all_rows, gather_rows, label_one_hot, row_key_visibility
+from .masks import all_rows, gather_rows, label_one_hot, visible_keys
 
 NAME = "reference"
 
@@ -25,13 +25,13 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
 
 
-def label_attention(args: LabelAttentionArgs):
+def reference_label_attention(args: LabelAttentionArgs):
     q, k, v = (t.double() for t in (args.q, args.k, args.v))
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = args.scale * q @ k.transpose(-1, -2)
-    visible = row_key_visibility(args, all_rows(args))[:, None].expand(scores.shape)
+    visible = visible_keys(all_rows(args), args.q.shape[2], args.causal, args.key_padding_mask)[:, None].expand(scores.shape)
     if args.sinks is not None:  # column N: the sink, seen by every row
         batch, num_heads, seq_len, _ = scores.shape
         sink_column = args.sinks.double()[None, :, None, None].expand(batch, num_heads, seq_len, 1)

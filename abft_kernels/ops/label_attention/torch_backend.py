@@ -33,7 +33,7 @@ def _without_sinks(args: LabelAttentionArgs):
     return out, mass.float()
 
 
-def label_attention(args: LabelAttentionArgs):
+def sdpa_with_row_mass(args: LabelAttentionArgs):
     if args.sinks is None:
         return _without_sinks(args)
     out, mass = _without_sinks(with_sink_key(args))

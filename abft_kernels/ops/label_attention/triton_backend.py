@@ -763,7 +763,7 @@ def _row_slots(args: LabelAttentionArgs):
 
 
 @torch.compiler.disable
-def label_attention(args: LabelAttentionArgs):
+def fused_label_attention(args: LabelAttentionArgs):
     """Backend entry point (arguments checked by unsupported()). torch.compile runs it as an opaque call (a graph
     break): dynamo does not trace Triton's interpreter or launcher, and the code around it still compiles."""
     row_slot, num_slots, slot_of_entry = _row_slots(args)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-from . import export, suite, workflow
+from . import suite, workflow
 
 
 def run_example(args: argparse.Namespace) -> None:
@@ -40,13 +38,7 @@ def run_example(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    """The benchmark runner, benchmarks/run.py of the source checkout this package is installed from (-e)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "run.py").is_file():
-        raise SystemExit("abft bench needs the source checkout's benchmarks/ (it is not part of the installed "
-                         "package): clone the repository, pip install -e . there, and run abft bench "
-                         "or python -m benchmarks.run from it")
-    sys.path.insert(0, str(root))
+    """The benchmark runner: `benchmarks.run`, installed with this package (`python -m benchmarks.run`)."""
     from benchmarks.run import main as run_benchmarks
 
     run_benchmarks(args.bench_args)
@@ -54,11 +46,11 @@ def run_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `abft` parser: example, demo, train, eval, export, suite (their settings options generated from
-    `abft_kernels.settings` by transformers' HfArgumentParser) and bench."""
+    `abft_kernels.recipes.settings` by transformers' HfArgumentParser) and bench."""
     from transformers import HfArgumentParser
 
     parser = argparse.ArgumentParser(prog="abft", description="Attention Behavior Fine-Tuning kernels and tools")
-    # train/eval/demo: options generated from the settings dataclass (abft_kernels.settings), as for TrainingArguments.
+    # train/eval/demo: options generated from the settings dataclass (abft_kernels.recipes.settings), as for TrainingArguments.
     commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     example = commands.add_parser("example", help="label masses and the ABFT loss on a tiny random problem")
     example.add_argument("--backend", default="auto")
@@ -73,15 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=run)
     command = commands.add_parser("export", help="an `abft train` output folder as a plain transformers folder (LoRA "
                                   "merged) and, for LoRA runs, a PEFT adapter folder")
-    export.configure_parser(command)
-    command.set_defaults(func=export.run_export)
+    command.add_argument("--weights", required=True, help="an `abft train` output folder (or a checkpoint-N in it)")
+    command.add_argument("--output-dir", required=True, help="the plain transformers folder (LoRA merged)")
+    command.add_argument("--adapter-dir", help="also a PEFT adapter folder here (LoRA runs)")
+    command.add_argument("--device", default="cpu")
+    command.set_defaults(func=workflow.run_export)
     command = commands.add_parser("suite", dataclass_types=[suite.SuiteSettings],
                                   help="vanilla / calibration / ABFT / E2E, in and out of domain, consistency, "
                                        "unseen-label prompts: table, report.json, accuracy.png")
     suite.configure_parser(command)
     command.set_defaults(func=suite.run_suite)
     bench = commands.add_parser("bench", add_help=False,
-                                help="benchmark suite (source checkout); options as python -m benchmarks.run --help")
+                                help="benchmark suite; options as python -m benchmarks.run --help")
     bench.set_defaults(func=run_bench)
     return parser
 

@@ -23,10 +23,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .forward import abft_forward, e2e_forward
-from .hf import trainable_qk
-from .hf.trainable import lora_config_from_layout, trained_layout
-from .loss import make_controller
+from ..forward import abft_forward, e2e_forward
+from ..hf import trainable_qk
+from ..hf.trainable import lora_config_from_layout, trained_layout
+from ..loss import make_controller
 from .settings import PAPER, ABFTSettings
 
 WEIGHTS_FILE = "abft_weights.safetensors"
@@ -231,7 +231,7 @@ class ABFTTrainer(Trainer):
         label_token_ids: the C read-out token ids (`PromptBuilder.label_token_ids`); needed by objective "e2e".
 
     The data collator must produce input_ids, attention_mask, key_class, query_rows and target_class
-    (`abft_kernels.icl.ICLCollator`). Each optimiser step logs abft_loss, counted_heads, gold_mass, A (used in
+    (`abft_kernels.recipes.icl.ICLCollator`). Each optimiser step logs abft_loss, counted_heads, gold_mass, A (used in
     the step) and next_A into `state.log_history` (paper, Fig. 5); with objective "e2e", e2e_loss, counted_heads
     and gold_mass (no A: the controller does not apply).
 

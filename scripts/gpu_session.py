@@ -1,4 +1,5 @@
-"""The one prepared call of a GPU session (issue 11); `bash benchmarks/gpu_session.sh` runs it from the repository root.
+"""The one prepared call of a lent GPU machine: install, native tests, the headline sweep, the performance goals.
+`bash scripts/gpu_session.sh` runs it from the repository root (see benchmarks/README.md, "GPU session").
 
 Stages, most valuable first, each inside a time budget that it prints (a stage that cannot fit in what is left
 is skipped with the reason, and every stage keeps the minimum of the later reserved ones free):
@@ -9,8 +10,9 @@ is skipped with the reason, and every stage keeps the minimum of the later reser
   tests        tests/ops/test_cuda_extension.py, test_torch_backend.py, test_triton.py natively, a time limit per test;
   model        the Llama-3-8B ABFT training step, `... --preset gpu-headline --levels model --resume`;
   flex         FlexAttention on the headline shapes, with whatever time is left;
-then issue 11's goals (benchmarks/goals.py), issue 25's (the fused Triton kernel against SDPA in the same run:
-R = N forward and forward + backward, R = 1, R = N/64, the masses' error; fused_goals) and a short table, last.
+then the GPU headline goals (scripts/performance_goals.py), the fused-kernel goals (the fused Triton kernel against
+SDPA in the same run: R = N forward and forward + backward, R = 1, R = N/64, the masses' error; fused_goals) and a
+short table, last.
 
 Everything lands in --out, at most 8 files, rewritten as the stages go so that a killed call keeps what it did:
 session.log (the terminal output; written by the shell script), session.json (stages, test outcomes, goals,
@@ -39,11 +41,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import goals as goals_module
-from . import report
-from .timing import EXIT_CONTEXT_BROKEN
+from benchmarks import report
+from benchmarks.timing import EXIT_CONTEXT_BROKEN
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_sibling(name: str):
+    """scripts/<name>.py as a module (scripts/ is no package; this works however this file was loaded)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+goals_module = _load_sibling("performance_goals")
+
 RESULTS = "gpu-headline"  # the runner's preset, and so its file names
 MAX_FILES = 8  # what the device tool brings back from $OUT
 FINAL_RESERVE_S = 10  # kept for the goals, the tables and the last writes
@@ -80,7 +96,7 @@ class Session:
         self.start = time.monotonic()
         self.work = Path(tempfile.mkdtemp(prefix="abft-gpu-session-"))  # nothing here comes back
         self.gpu = False
-        self.record = {"command": "bash benchmarks/gpu_session.sh " + shlex.join(sys.argv[1:]),
+        self.record = {"command": "bash scripts/gpu_session.sh " + shlex.join(sys.argv[1:]),
                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "budget_s": budget_s, "rehearse": rehearse, "stages": [], "tests": None, "goals": []}
 
@@ -324,8 +340,9 @@ STAGES = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Issue 25's goals (the fused Triton kernel at Hopper speed), scored on the same run's rows (preset gpu-headline: rows
-# "all" R = N, "last" R = 1, "demos" R = N/64, modes fwd and fwd+bwd), each as ratios against sdpa in that run.
+# The fused-kernel goals (the fused Triton kernel at Hopper speed), scored on the same run's rows (preset
+# gpu-headline: rows "all" R = N, "last" R = 1, "demos" R = N/64, modes fwd and fwd+bwd), each as ratios against sdpa
+# in that run.
 
 FUSED_MASS_TOL = 1e-5  # the masses' relative error against the fp32 recompute (benchmarks/kernel_level.py)
 
@@ -380,7 +397,7 @@ def demos_regime(kernel: list) -> dict:
 
 
 def fused_goals(results: dict) -> list:
-    """Issue 25's goals, each {"goal", "status", "details"} as in benchmarks/goals.py."""
+    """The fused-kernel goals, each {"goal", "status", "details"} as in scripts/performance_goals.py."""
     kernel = results.get("kernel", [])
     return [
         goals_module._verdict("R=N fwd: triton >= 0.7x sdpa TFLOP/s",
@@ -422,8 +439,8 @@ def markdown(session: Session, results: dict) -> str:
     rehearsal = " (a rehearsal on CPU: tiny shapes, the numbers mean nothing)" if session.rehearse else ""
     lines = [f"# GPU session: {results['environment']['device']}{rehearsal}", "",
              f"`{session.record['command']}` started {session.record['started']}, budget {session.budget_s:g} s.",
-             "", "## Goals (issue 11)", "", goals_module.markdown(session.record["goals"]), "",
-             "## Goals (issue 25, the fused kernel)", "", goals_module.markdown(session.record["fused_goals"]), "",
+             "", "## Goals (GPU headline)", "", goals_module.markdown(session.record["goals"]), "",
+             "## Goals (the fused kernel)", "", goals_module.markdown(session.record["fused_goals"]), "",
              "## Stages", "", "| stage | budget s | used s | status | note |", "|---|---|---|---|---|"]
     for s in session.record["stages"]:
         note = s["note"].replace("\n", "<br>").replace("|", "\\|")
@@ -474,7 +491,7 @@ def run_stage(session: Session, index: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bash benchmarks/gpu_session.sh", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bash scripts/gpu_session.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where everything is written (at most 8 files)")
     parser.add_argument("--budget-s", type=float, default=540,
                         help="wall time for all stages, in seconds (default 540: 9 minutes)")
@@ -488,7 +505,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     session = Session(args.out.resolve(), args.budget_s, args.python, args.rehearse, ["environment", *args.stages])
     caps = ", ".join(f"{s.name} <= {s.cap_s:.0f}" for s in STAGES)
-    print(f"GPU session (issue 11): budget {args.budget_s:.0f} s for all stages, each at most: {caps} s "
+    print(f"GPU session: budget {args.budget_s:.0f} s for all stages, each at most: {caps} s "
           f"(and never more than is left; later stages keep their minimum). Writing to {session.out}", flush=True)
     for index in range(len(STAGES)):
         run_stage(session, index)
@@ -506,8 +523,8 @@ def main(argv=None) -> int:
     if summary:
         print("\n" + summary)
     rehearsal = " (a rehearsal on CPU: tiny shapes, the numbers mean nothing)" if session.rehearse else ""
-    print(f"\nGoals (issue 11){rehearsal}:\n" + goals_module.text(session.record["goals"]))
-    print(f"\nGoals (issue 25, the fused kernel){rehearsal}:\n" + goals_module.text(session.record["fused_goals"]),
+    print(f"\nGoals (GPU headline){rehearsal}:\n" + goals_module.text(session.record["goals"]))
+    print(f"\nGoals (the fused kernel){rehearsal}:\n" + goals_module.text(session.record["fused_goals"]),
           flush=True)
     return 0
 

@@ -1,4 +1,4 @@
-"""`abft train`, `abft eval` and `abft demo`: the paper's method end to end on any causal LM and dataset.
+"""`abft train`, `abft eval`, `abft demo` and `abft export`: the paper's method end to end on any causal LM and dataset.
 
 train: ICL prompts from the dataset's training pool -> ABFT on W_Q/W_K (Trainer) -> output folder with
 the trained weights (resumes from its last checkpoint when rerun).
@@ -6,6 +6,8 @@ eval:  accuracy and label attention on a fixed held-out set, for the base model 
 the trained one: report.json, heatmap.png and a before/after table.
 demo:  eval before, train, eval after, on the built-in offline default (SmolLM2-135M-Instruct and
 Rotten Tomatoes sentiment), with settings small enough for a laptop CPU.
+export: a train output folder as a plain transformers folder and, for LoRA runs, a PEFT adapter folder
+(`abft_kernels.export`).
 """
 from __future__ import annotations
 
@@ -151,7 +153,7 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
     from transformers.trainer_utils import get_last_checkpoint
 
     from .evaluation import peak_memory_mb, reset_peak_memory
-    from .hf import trainable_qk
+    from ..hf import trainable_qk
     from .training import ABFTTrainer, abft_training_arguments
 
     settings = training_settings(settings)
@@ -318,3 +320,44 @@ def run_demo(args: argparse.Namespace) -> None:
           f"per accuracy; compare seeds (--seed) before reading a gain (docs/results.md).")
     for warning in sections["warnings"]:
         print(f"WARNING: {warning}")
+
+
+def export_run(weights, output_dir, adapter_dir=None, device: str = "cpu") -> Path:
+    """Export an ABFT output folder: its base model with the run applied, as a plain transformers folder (with the
+    tokenizer) and, for a LoRA run given `adapter_dir`, as a PEFT adapter folder too.
+
+    Args:
+        weights: an `abft train` / `ABFTTrainer.save_model` output folder (or a checkpoint-N folder).
+        output_dir: the plain transformers folder. adapter_dir: the PEFT adapter folder (LoRA runs only).
+        device: where the model is loaded (float32, as `models.load_model` loads it).
+
+    Returns:
+        output_dir (Path).
+
+    Raises:
+        ValueError: adapter_dir for a run without LoRA; the run was trained on a 4-bit model (its merge would round
+            the weights: export its adapter alone with `export_peft_adapter`); from `training.apply_trained_weights`.
+    """
+    from ..export import export_peft_adapter, export_pretrained
+    from .models import load_model
+    from .training import CONFIG_FILE, apply_trained_weights
+
+    config = json.loads((Path(weights) / CONFIG_FILE).read_text())
+    if (config.get("settings") or {}).get("load_in_4bit") or config.get("load_in_4bit"):  # (older runs: flat)
+        raise ValueError(f"{weights} was trained on a 4-bit model: a merged export would round the merged weights; "
+                         "export its adapter with export_peft_adapter on the loaded model")
+    model, tokenizer = load_model(config.get("base_model"), device=device)
+    apply_trained_weights(model, weights)
+    if adapter_dir is not None:
+        if not config.get("lora_config", config.get("lora")):
+            raise ValueError(f"--adapter-dir: {weights} is a full query/key run without LoRA adapters; its export "
+                             "is the plain transformers folder alone")
+        export_peft_adapter(model, adapter_dir, base_model=config.get("base_model"))
+    return export_pretrained(model, output_dir, tokenizer=tokenizer)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """`abft export`."""
+    folder = export_run(args.weights, args.output_dir, adapter_dir=args.adapter_dir, device=args.device)
+    print(f"plain transformers folder: {folder} (AutoModelForCausalLM.from_pretrained)"
+          + (f"; PEFT adapter: {args.adapter_dir} (PeftModel.from_pretrained)" if args.adapter_dir else ""))

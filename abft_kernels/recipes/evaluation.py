@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .forward import abft_forward
+from ..forward import abft_forward
 from .icl.prompts import ICLCollator, ICLPrompt
 
 

@@ -1,7 +1,9 @@
-"""Issue 11's (GPU) and issue 13's (CPU, long context) performance goals, read off the results of
-`python -m benchmarks.run` (its JSON as a dict).
+"""Scores measured benchmark results against the project's performance goals (docs/benchmarks.md): the GPU
+headline goals and the long-context goals on CPU, read off the results of `python -m benchmarks.run` (its JSON as
+a dict). Used by scripts/gpu_session.py; run on its own, it prints the long-context goals of result files.
 
-Each goal comes back met, missed or not measured, with the numbers it was decided on, per sequence length:
+Each goal comes back met, missed or not measured, with the numbers it was decided on, per sequence length.
+The GPU headline goals (evaluate; the preset gpu-headline measures them):
   1. R = 1 (ABFT's query row), forward + backward: the fastest of our backends (torch, triton, cuda) within
      10% of SDPA alone (which computes no masses);
   2. R = N, forward: triton at least 0.7x SDPA's TFLOP/s, and
@@ -9,13 +11,16 @@ Each goal comes back met, missed or not measured, with the numbers it was decide
   4. model step: abft's peak memory within 10% of plain SDPA training (no masses);
   5. at N = 4096, abft's peak memory at least 10x below eager attention's (output_attentions);
   6. at N = 32768, abft runs where eager attention cannot.
-Issue 13, the model step on CPU, each --isolate point in its own process (long_context_goals):
+The long-context goals, the model step on CPU, each --isolate point in its own process (long_context_goals):
   7. abft's peak resident memory within 10% of plain SDPA training's at every N;
   8. abft's step time within 15% of plain SDPA training's at N >= 2048.
-Rows are paired on (model, N, gradient checkpointing). `python -m benchmarks.goals RESULTS.json ...` prints issue
-13's goals over the model rows of several runs (a row of a later file replaces the same point of an earlier one).
-A goal is "met" when it holds at every N measured and every N was measured, "met where measured" when some
-N lack a number, "missed" when it fails at some N, "not measured" when no N has the numbers.
+Rows are paired on (model, N, gradient checkpointing).
+
+    python scripts/performance_goals.py RESULTS.json [RESULTS.json ...]
+
+prints the long-context goals over the model rows of several runs (a row of a later file replaces the same point of
+an earlier one). A goal is "met" when it holds at every N measured and every N was measured, "met where measured"
+when some N lack a number, "missed" when it fails at some N, "not measured" when no N has the numbers.
 """
 from __future__ import annotations
 
@@ -181,7 +186,7 @@ def model_runs_where_eager_cannot(model: list, seq_len: int = 32768) -> dict:
 
 
 def evaluate(results: dict) -> list:
-    """The goals of issue 11, in the order above, each {"goal", "status", "details"}."""
+    """The GPU headline goals (1 to 6 above), in that order, each {"goal", "status", "details"}."""
     kernel, model = results.get("kernel", []), results.get("model", [])
     return [r1_forward_backward(kernel), rn_triton_tflops(kernel), rn_triton_vs_onehot(kernel),
             model_peak_vs_sdpa(model), model_vs_eager_4096(model), model_runs_where_eager_cannot(model)]
@@ -240,7 +245,7 @@ def model_time_vs_sdpa(model: list, min_seq_len: int = 2048) -> dict:
 
 
 def long_context_goals(results: dict) -> list:
-    """The goals of issue 13 (7 and 8 above), each {"goal", "status", "details"}."""
+    """The long-context goals (7 and 8 above), each {"goal", "status", "details"}."""
     model = results.get("model", [])
     return [model_rss_vs_sdpa(model), model_time_vs_sdpa(model)]
 
@@ -250,7 +255,7 @@ def merged_model_rows(paths) -> list:
     import json
     from pathlib import Path
 
-    from .run import ROW_KEYS
+    from benchmarks.run import ROW_KEYS
 
     rows = {}
     for path in paths:
@@ -283,5 +288,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m benchmarks.goals RESULTS.json [RESULTS.json ...]")
+        sys.exit("usage: python scripts/performance_goals.py RESULTS.json [RESULTS.json ...]")
     print(markdown(long_context_goals({"model": merged_model_rows(sys.argv[1:])})))

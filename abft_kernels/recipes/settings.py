@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Optional
 
 from .icl.data import DEFAULT_TASK
-from .loss import PAPER_A0, PAPER_B, PAPER_KD, PAPER_KI, PAPER_KP, PAPER_LR
+from ..loss import PAPER_A0, PAPER_B, PAPER_KD, PAPER_KI, PAPER_KP, PAPER_LR
 
 # LoRA rank of `--objective e2e` when --lora is not given: the paper's rank (it trained its models above 10B with
 # LoRA r = 16 on W_Q/W_K).
@@ -67,12 +67,12 @@ class DataSettings:
     prompt_style: Literal["staicc", "space-on-label"] = field(default="staicc", metadata=_help(
         "staicc: StaICC's prompts, the paper's (the query ends with the label prefix and its space, read-out = "
         "each bare label word's last token); space-on-label: the prompt ends at the label prefix and the "
-        "read-out is the label word with its leading space (abft_kernels.icl.PROMPT_STYLES)"))
+        "read-out is the label word with its leading space (abft_kernels.recipes.icl.PROMPT_STYLES)"))
     loss_row: Literal["label-prefix", "read-out"] = field(default="label-prefix", metadata=_help(
         "the query row whose label attention the loss and the induction-head filter read: label-prefix = the token "
         "of the label prefix's last character (the ':' of 'sentiment:'), the authors' row; read-out = the prompt's "
         "last token, whose logits give the read-out (in the staicc style the trailing space; before issue 23 the only "
-        "row). The read-out is the same for both (abft_kernels.icl.LOSS_ROWS)"))
+        "row). The read-out is the same for both (abft_kernels.recipes.icl.LOSS_ROWS)"))
     staicc_root: Optional[str] = field(default=None, metadata=_help(
         "folder of StaICC's exported data (splits.json and the *.jsonl), for --dataset staicc:<name>"))
     k: int = field(default=4, metadata=_help("demonstrations per prompt"))
