@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 from transformers import TrainerCallback
 
-from abft_kernels.recipes import training, workflow
+from abft_kernels.recipes import workflow
 from abft_kernels.recipes.models import load_model
 from abft_kernels.recipes.settings import DEMO
 
@@ -50,14 +50,8 @@ def main() -> None:
             if state.global_step % args.every == 0:
                 record(state.global_step, state.log_history[-1] if state.log_history else {})
 
-    class Trainer(training.ABFTTrainer):
-        def __init__(self, *positional, **keywords):
-            super().__init__(*positional, **keywords)
-            self.add_callback(EvaluateEvery())
-
     record(0, {})
-    training.ABFTTrainer = Trainer  # train_on_task imports the trainer class when it runs
-    workflow.train_on_task(model, tokenizer, task, settings, args.out + ".run")
+    workflow.train_on_task(model, tokenizer, task, settings, args.out + ".run", callbacks=[EvaluateEvery()])
 
 
 if __name__ == "__main__":

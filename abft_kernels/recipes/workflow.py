@@ -146,9 +146,10 @@ def held_out_evaluation(tokenizer, task, settings: DataSettings):
 
 
 def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: str, save_steps: int = 0,
-                  resume: bool = False):
+                  resume: bool = False, callbacks=()):
     """ABFT (or, with settings.objective "e2e", the end-to-end baseline) on `model` (in place) with the prompts of
-    `task.train`; the output folder gets the trained weights. Returns (trainer, seconds, peak memory MiB)."""
+    `task.train`; the output folder gets the trained weights; `callbacks` (transformers TrainerCallbacks) join the
+    Trainer's. Returns (trainer, seconds, peak memory MiB)."""
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -173,6 +174,8 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
     trainer = ABFTTrainer(model=model, args=training_args, train_dataset=prompts,
                           data_collator=ICLCollator(tokenizer.pad_token_id), num_classes=task.template.num_classes,
                           settings=settings, run_info=run_info, label_token_ids=builder.label_token_ids)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     checkpoint = None
     if resume and Path(output_dir).is_dir():
         checkpoint = get_last_checkpoint(output_dir)

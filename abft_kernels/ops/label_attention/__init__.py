@@ -2,7 +2,7 @@
 
 One folder for the op (as flash-linear-attention keeps one per op): the public function and its argument checks
 (interface, validation), the backend registry that ``backend="auto"`` consults (backends), and one module per
-backend with the same three members (NAME, unsupported, label_attention):
+backend with the same three members (NAME, unsupported, and its computation, named in backends.BACKEND_FUNCTIONS):
 
 * reference_backend: the float64 oracle that materialises P (tests);
 * torch_backend: torch SDPA for the output plus an exact, memory-light recompute of the masses (row_mass_torch);

@@ -39,7 +39,7 @@ from .validation import LabelAttentionArgs
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 BACKEND_FUNCTIONS = {"reference": "reference_label_attention", "torch": "sdpa_with_row_mass",
-            "triton": "fused_label_attention", "cuda": "sdpa_with_cuda_row_mass"}
+                     "triton": "fused_label_attention", "cuda": "sdpa_with_cuda_row_mass"}
 _MODULES = {
     "reference": f"{__package__}.reference_backend",
     "torch": f"{__package__}.torch_backend",

@@ -47,6 +47,11 @@ def visible_keys(rows: torch.Tensor, seq_len: int, causal: bool, key_padding_mas
     return visible
 
 
+def visible_to_rows(args: LabelAttentionArgs, rows: torch.Tensor) -> torch.Tensor:
+    """`visible_keys` for the op's arguments: bool [B, R, N] for rows long [B, R]."""
+    return visible_keys(rows, args.q.shape[2], args.causal, args.key_padding_mask)
+
+
 def visible_label_counts(key_class: torch.Tensor, num_classes: int, rows: torch.Tensor,
                          key_padding_mask: Optional[torch.Tensor] = None, causal: bool = True):
     """Per row, what `visible_keys` lets it see, counted by prefix sums (O(N·C), not O(R·N)):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .validation import LabelAttentionArgs
-from .masks import all_rows, gather_rows, label_one_hot, visible_keys
+from .masks import all_rows, gather_rows, label_one_hot, visible_to_rows
 
 NAME = "reference"
 
@@ -31,7 +31,7 @@ def reference_label_attention(args: LabelAttentionArgs):
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = args.scale * q @ k.transpose(-1, -2)
-    visible = visible_keys(all_rows(args), args.q.shape[2], args.causal, args.key_padding_mask)[:, None].expand(scores.shape)
+    visible = visible_to_rows(args, all_rows(args))[:, None].expand(scores.shape)
     if args.sinks is not None:  # column N: the sink, seen by every row
         batch, num_heads, seq_len, _ = scores.shape
         sink_column = args.sinks.double()[None, :, None, None].expand(batch, num_heads, seq_len, 1)

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from .validation import LabelAttentionArgs
-from .masks import gather_rows, label_one_hot, mass_compute_dtype, visible_keys
+from .masks import gather_rows, label_one_hot, mass_compute_dtype, visible_to_rows
 
 _CHUNK_ELEMENTS = 1 << 25
 
@@ -30,7 +30,7 @@ def _row_probs(args: LabelAttentionArgs, q_rows: torch.Tensor, k: torch.Tensor, 
     # A query group's rows side by side, [B,Hkv,G·Rc,D]: one matmul per key head, no G-fold copy of k.
     scores = args.scale * q_rows.view(batch, num_kv_heads, -1, head_dim) @ k.transpose(-1, -2)
     scores = scores.view(batch, num_kv_heads, -1, rows.shape[1], seq_len)
-    visible = visible_keys(rows, args.q.shape[2], args.causal, args.key_padding_mask)[:, None, None]
+    visible = visible_to_rows(args, rows)[:, None, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     return torch.exp(scores - lse.nan_to_num(neginf=0.0))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .validation import LabelAttentionArgs
-from .masks import visible_keys
+from .masks import visible_to_rows
 from .sink_key import drop_sink_position, with_sink_key
 
 # Elements of the largest [B, H, rows, N] block a padded chunk may create.
@@ -110,7 +110,7 @@ def _padded_chunk(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: 
     """SDPA output [B,Hq,rows,Dv] of the query rows q_rows = q[:, :, part], under a bool mask built here from the
     padding mask."""
     rows = torch.arange(part.start, part.stop, device=q_rows.device).expand(q_rows.shape[0], -1)
-    visible = visible_keys(rows, args.q.shape[2], args.causal, args.key_padding_mask)
+    visible = visible_to_rows(args, rows)
     has_key = visible.any(-1, keepdim=True)
     # A row with no visible key would give NaN; let it see everything and zero it afterwards.
     mask = (visible | ~has_key)[:, None]
