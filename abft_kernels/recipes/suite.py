@@ -192,6 +192,14 @@ class SuiteRun:
                                                    str(self.output_dir / name))
             self.training[name] = {"seconds": seconds, "peak_memory_mb": peak, "objective": settings.objective,
                                    "lr": settings.lr, "log": trainer.state.log_history}
+            if settings.objective == "abft":  # the check `abft train` makes: zero, collapsed or exploded counts
+                from .training import count_check
+
+                check = count_check(trainer.state.log_history)
+                self.training[name].update(count_check=asdict(check), warnings=check.warnings)
+                print(check.summary)
+                for warning in check.warnings:
+                    print(f"WARNING: {warning}")
             self.models[name] = model
         return self.models[name]
 
@@ -517,6 +525,8 @@ def format_report(report: dict) -> str:
         if "skipped" in (report.get(name) or {}):
             lines.append(f"{name}: skipped ({report[name]['skipped']})")
     lines += extra_lines
+    lines += [f"WARNING ({name} training): {warning}"
+              for name, run in report.get("training", {}).items() for warning in run.get("warnings", [])]
     lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
 

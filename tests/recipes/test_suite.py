@@ -14,7 +14,7 @@ from abft_kernels.recipes.cli import main
 from abft_kernels.recipes.icl import Example, PromptBuilder, Template
 from abft_kernels.recipes.models import load_model
 from abft_kernels.recipes.suite import (SUITE, SuiteRun, calibration_prompts, consistency, parse_parts,
-                                unseen_label_prompts)
+                                format_report, unseen_label_prompts)
 from tiny_icl import tiny_tokenizer
 
 FILLERS = ["movie", "film", "plot", "the", "a", "is", "was", "very", "not"]
@@ -76,6 +76,9 @@ def test_suite_end_to_end(tmp_path, capsys):
     assert "template-consistency: skipped (template consistency needs StaICC's alternative templates" in printed
     assert set(report["training"]) == {"abft", "e2e"}
     assert report["training"]["e2e"]["objective"] == "e2e"
+    check = report["training"]["abft"]["count_check"]  # the check `abft train` makes, on the ABFT run only
+    assert check["summary"] in printed and report["training"]["abft"]["warnings"] == check["warnings"]
+    assert "count_check" not in report["training"]["e2e"]
 
     table = report["table"]
     accuracies = [table[m]["accuracy"] for m in ("vanilla", "calibration", "abft", "e2e")]
@@ -244,3 +247,18 @@ def test_connectivity_lambdas_are_checked():
     for bad in ("1", "a,b", "1,1", "0,0,1", "1,0", "nan,1", "0,inf"):
         with pytest.raises(ValueError, match="--connectivity-lambdas"):
             parse_lambdas(bad)
+
+
+def test_report_shows_the_training_warnings():
+    """A collapsed ABFT run (Gemma 3 270M on TREC: 2.6 counted heads at the first step, 0 at the last) is a WARNING
+    line of the console table, not only a row of report.json."""
+    log = [{"abft_loss": 2.2, "counted_heads": 2.6, "A": 0.5}, {"abft_loss": 0.0, "counted_heads": 0.0, "A": 0.3}]
+    from abft_kernels.recipes.training import count_check
+
+    check = count_check(log)
+    assert check.collapsed and len(check.warnings) == 1
+    report = {"settings": {**SUITE.__dict__, "model": "m", "dataset": "d"}, "seconds": {"total": 1.0},
+              "training": {"abft": {"warnings": check.warnings}, "e2e": {}}}
+    printed = format_report(report)
+    assert f"WARNING (abft training): {check.warnings[0]}" in printed and printed.count("WARNING") == 1
+
