@@ -193,13 +193,10 @@ class SuiteRun:
             self.training[name] = {"seconds": seconds, "peak_memory_mb": peak, "objective": settings.objective,
                                    "lr": settings.lr, "log": trainer.state.log_history}
             if settings.objective == "abft":  # the check `abft train` makes: zero, collapsed or exploded counts
-                from .training import count_check
+                from .training import print_count_check
 
-                check = count_check(trainer.state.log_history)
+                check = print_count_check(trainer.state.log_history)
                 self.training[name].update(count_check=asdict(check), warnings=check.warnings)
-                print(check.summary)
-                for warning in check.warnings:
-                    print(f"WARNING: {warning}")
             self.models[name] = model
         return self.models[name]
 

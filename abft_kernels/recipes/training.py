@@ -136,6 +136,16 @@ def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
     return CountCheck(start, min(counts), max(counts), end, band, within, collapsed, exploded, summary, warnings)
 
 
+def print_count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
+    """`count_check(log_history)`, with its band line and a `WARNING:` line per warning printed to the console (what
+    `abft train`, `abft demo` and `abft suite` print after an ABFT training)."""
+    check = count_check(log_history)
+    print(check.summary)
+    for warning in check.warnings:
+        print(f"WARNING: {warning}")
+    return check
+
+
 def prompt_sums(info) -> Tuple[float, float]:
     """(counted heads, gold-label mass) of a batch's `loss.ABFTLossInfo`, each summed over its prompts: a prompt's
     counted heads as `info.counted_heads`, its gold mass averaged over layers, heads and rows. The per-step log and

@@ -220,14 +220,11 @@ def _dynamics(trainer, out: Path, title: str) -> dict:
     """Plot the training's per-step dynamics beside the other outputs, print the counted heads' band line and
     any warning; returns the report's sections (training_log, count_check, warnings)."""
     from .evaluation import save_dynamics
-    from .training import count_check
+    from .training import print_count_check
 
     log = trainer.state.log_history
-    check = count_check(log)
+    check = print_count_check(log)
     save_dynamics(out / "dynamics.png", log, check, title=title)
-    print(check.summary)
-    for warning in check.warnings:
-        print(f"WARNING: {warning}")
     return {"training_log": log, "count_check": asdict(check), "warnings": check.warnings}
 
 

@@ -4,7 +4,7 @@ calibration equal to the calibration module's on the same prompts)."""
 import csv
 import json
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from abft_kernels.recipes.icl import Example, PromptBuilder, Template
 from abft_kernels.recipes.models import load_model
 from abft_kernels.recipes.suite import (SUITE, SuiteRun, calibration_prompts, consistency, parse_parts,
                                 format_report, unseen_label_prompts)
+from abft_kernels.recipes.training import count_check
 from tiny_icl import tiny_tokenizer
 
 FILLERS = ["movie", "film", "plot", "the", "a", "is", "was", "very", "not"]
@@ -253,12 +254,9 @@ def test_report_shows_the_training_warnings():
     """A collapsed ABFT run (Gemma 3 270M on TREC: 2.6 counted heads at the first step, 0 at the last) is a WARNING
     line of the console table, not only a row of report.json."""
     log = [{"abft_loss": 2.2, "counted_heads": 2.6, "A": 0.5}, {"abft_loss": 0.0, "counted_heads": 0.0, "A": 0.3}]
-    from abft_kernels.recipes.training import count_check
-
     check = count_check(log)
     assert check.collapsed and len(check.warnings) == 1
-    report = {"settings": {**SUITE.__dict__, "model": "m", "dataset": "d"}, "seconds": {"total": 1.0},
+    report = {"settings": {**asdict(SUITE), "model": "m", "dataset": "d"}, "seconds": {"total": 1.0},
               "training": {"abft": {"warnings": check.warnings}, "e2e": {}}}
     printed = format_report(report)
     assert f"WARNING (abft training): {check.warnings[0]}" in printed and printed.count("WARNING") == 1
-
