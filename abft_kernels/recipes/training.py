@@ -361,6 +361,26 @@ class ABFTTrainer(Trainer):
             self.controller.pid.load_state_dict(config["controller"])
 
 
+def end_process_group(trainer: Trainer) -> None:
+    """Under torchrun / `accelerate launch`: frees the trainer's DistributedDataParallel wrapper, then destroys the
+    process group; does nothing in a single process. Call it once training and saving are done, in every process.
+
+    The order matters with gloo (CPU), pytorch/pytorch#190489. Left open to the interpreter's exit, the group's worker
+    threads can abort it ("terminate called without an active exception"). Freed last by DDP's reducer, whose binding
+    keeps the GIL while the group joins those threads, it deadlocks whenever a worker is still releasing the tensors of
+    the last collective (which takes the GIL). Freed by `destroy_process_group`, the group's own binding releases the
+    GIL first, so the worker finishes and the join returns.
+
+    Args:
+        trainer: the transformers `Trainer` that trained (its `model_wrapped` may be the DDP wrapper).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    torch.distributed.destroy_process_group()
+
+
 def save_trained_weights(folder, tensors: Dict[str, torch.Tensor], config: Dict[str, Any]) -> None:
     """Write `tensors` to folder/abft_weights.safetensors and `config` (JSON) to folder/abft_config.json.
 

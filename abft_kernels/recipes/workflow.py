@@ -239,6 +239,7 @@ def _print_table(title: str, out: Path, before, after=None, **extra) -> None:
 def run_train(args: argparse.Namespace) -> None:
     """`abft train`: the paper's settings unless given; trains, saves the weights, report.json and dynamics.png."""
     from .models import load_model
+    from .training import end_process_group
 
     settings = training_settings(replace(PAPER, **given_settings(args, ABFTSettings)))
     device = setup_device(args.device, args.threads)
@@ -246,6 +247,7 @@ def run_train(args: argparse.Namespace) -> None:
     task = load_workflow_task(settings, task_template(settings))
     trainer, seconds, peak = train_on_task(model, tokenizer, task, settings, args.output_dir,
                                            save_steps=args.save_steps, resume=not args.no_resume)
+    end_process_group(trainer)
     if not trainer.is_world_process_zero():  # under torchrun the first process writes the report
         return
     out = Path(args.output_dir)

@@ -182,3 +182,40 @@ def test_torchrun_two_processes_equal_one_process(tiny_run_inputs, tmp_path, obj
         assert torch.allclose(two[name], one[name], rtol=0, atol=1e-4), name
         if name in base:
             assert not torch.equal(one[name], base[name]), f"{name} did not train"
+
+
+def test_end_process_group_frees_ddp_before_the_group(tmp_path, monkeypatch):
+    """`end_process_group` drops every reference to the trainer's DDP wrapper (its reducer must not be the one that
+    frees the gloo group: it keeps the GIL while the group joins its threads, pytorch/pytorch#190489), then
+    destroys the process group; in a single process it does nothing. A one-process gloo group and a real DDP."""
+    import types
+    import weakref
+
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from abft_kernels.recipes.training import end_process_group
+
+    model = torch.nn.Linear(3, 2)
+    trainer = types.SimpleNamespace(model=model, model_wrapped=model, accelerator=Accelerator(cpu=True))
+    end_process_group(trainer)  # not distributed: nothing to do
+    assert trainer.model_wrapped is model
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp(torch.randn(4, 3)).sum().backward()  # a collective, like training's last step
+        trainer.model_wrapped = ddp
+        trainer.accelerator._models.append(ddp)  # where Accelerator.prepare keeps it
+        wrapper = weakref.ref(ddp)
+        del ddp
+        alive_at_destroy = []
+        destroy = dist.destroy_process_group
+        monkeypatch.setattr(dist, "destroy_process_group",
+                            lambda *args: (alive_at_destroy.append(wrapper() is not None), destroy(*args)))
+        end_process_group(trainer)
+        assert alive_at_destroy == [False], "the DDP wrapper was still alive when the group was destroyed"
+        assert not dist.is_initialized()
+        assert trainer.model_wrapped is model
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
