@@ -105,6 +105,10 @@ class ABFTSettings(DataSettings):
     prompts_per_step: int = field(default=32, metadata=_help("prompts per optimiser step (gradient accumulation)"))
     micro_batch: int = field(default=8, metadata=_help("prompts per forward pass on each process"))
     train_prompts: int = field(default=512, metadata=_help("training prompts built from the training pool"))
+    gold_demonstration: bool = field(default=False, metadata=_help(
+        "every training prompt holds a demonstration of its query's class (its demonstrations drawn again until one "
+        "is); off: uniform draws, the paper's. On a prompt without one the ABFT loss only pulls attention off the "
+        "labels (A·S): with more classes than demonstrations that is many prompts (TREC, k = 4: 43%%)"))
     lora: Optional[int] = field(default=None, metadata=_help("train LoRA adapters of this rank on W_Q/W_K instead"))
     A0: float = field(default=PAPER_A0, metadata=_help("initial A, the weight of the wrong-label term"))
     B: float = field(default=PAPER_B, metadata=_help("B, the weight of the gold-label term"))

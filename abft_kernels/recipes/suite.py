@@ -514,7 +514,8 @@ def format_report(report: dict) -> str:
     title = (f"abft suite: {s['model'] or DEFAULT_MODEL} on {s['dataset']} (k={s['k']}, "
              f"{(table or {}).get('num_prompts', s['eval_prompts'])} held-out prompts, seed {s['seed']}, "
              f"{s['steps']} steps x {s['prompts_per_step']} prompts, {s.get('prompt_style', 'staicc')} style, "
-             f"loss row {s.get('loss_row', 'read-out')})")  # reports before the loss_row setting: the read-out row
+             f"loss row {s.get('loss_row', 'read-out')}"  # reports before the loss_row setting: the read-out row
+             f"{', a gold demonstration in every training prompt' if s.get('gold_demonstration') else ''})")
     lines = [title, f"{'':34}" + "".join(f"{m:>13}" for m in methods)]
     for name, values, fmt in rows:
         lines.append(f"{name:34}" + "".join(f"{fmt.format(v) if v is not None else '-':>13}" for v in values))

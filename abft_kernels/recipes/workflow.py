@@ -163,7 +163,7 @@ def train_on_task(model, tokenizer, task, settings: ABFTSettings, output_dir: st
     trainable_qk(model, lora=settings.lora)
     builder = PromptBuilder(tokenizer, task.template, style=settings.prompt_style, loss_row=settings.loss_row)
     prompts = training_prompts(builder, task.train, settings.k, settings.train_prompts,
-                               seed=settings.seed + TRAIN_SEED_OFFSET)
+                               seed=settings.seed + TRAIN_SEED_OFFSET, gold_demonstration=settings.gold_demonstration)
     training_args = abft_training_arguments(
         output_dir, learning_rate=settings.lr, steps=settings.steps, prompts_per_step=settings.prompts_per_step,
         micro_batch=settings.micro_batch, seed=settings.seed, save_steps=save_steps, bf16=settings.bf16,

@@ -129,6 +129,26 @@ def test_demonstrations_are_random_not_balanced_and_never_the_query(tokenizer):
         assert text.count(query) == 1  # the query is not among its own demonstrations
 
 
+def test_gold_demonstration_puts_the_query_class_in_every_training_prompt(tokenizer):
+    """gold_demonstration=True: every prompt holds a demonstration of its query's class (never the query itself);
+    off, the same pool gives prompts without one. A class with one example in the pool is refused by name."""
+    pool = [Example(f"text number {i}", i % 6) for i in range(60)]  # 6 classes, k = 4: many prompts lack the gold
+    builder = PromptBuilder(tokenizer, Template("sentence: ", "label:", ("a", "b", "c", "d", "e", "f")))
+    uniform = training_prompts(builder, pool, k=4, num_prompts=64, seed=0)
+    assert sum(p.gold not in p.label_classes for p in uniform) > 10
+    gold = training_prompts(builder, pool, k=4, num_prompts=64, seed=0, gold_demonstration=True)
+    assert gold == training_prompts(builder, pool, k=4, num_prompts=64, seed=0, gold_demonstration=True)  # seeded
+    assert [p.gold for p in gold] == [p.gold for p in uniform]  # the same queries
+    for p in gold:
+        assert p.gold in p.label_classes and len(p.label_classes) == 4
+        text = tokenizer.decode(p.input_ids)
+        assert text.count(text.rsplit("sentence: ", 1)[1]) == 1  # the query is not its own demonstration
+    lonely = pool + [Example("the only one", 6)]
+    builder7 = PromptBuilder(tokenizer, Template("sentence: ", "label:", ("a", "b", "c", "d", "e", "f", "g")))
+    with pytest.raises(ValueError, match=r"class\(es\) \[6\] have a single example"):
+        training_prompts(builder7, lonely, k=4, num_prompts=400, seed=0, gold_demonstration=True)
+
+
 def test_sample_prompts_rejects_a_k_the_pool_cannot_fill(tokenizer):
     builder = PromptBuilder(tokenizer, PAPER_TASKS["sst2"].template)
     with pytest.raises(ValueError, match="k must be"):

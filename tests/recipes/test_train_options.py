@@ -219,3 +219,25 @@ def test_end_process_group_frees_ddp_before_the_group(tmp_path, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_gold_demonstration_reaches_the_training_prompts(tiny_run_inputs, tmp_path, monkeypatch):
+    """`abft train --gold-demonstration` builds its training prompts with gold_demonstration=True (every prompt
+    holds a demonstration of its query's class) and records the setting in abft_config.json."""
+    import abft_kernels.recipes.workflow as workflow
+
+    model, task = tiny_run_inputs
+    built = []
+
+    def recording(*args, **kwargs):
+        prompts = training_prompts(*args, **kwargs)
+        built.append((kwargs.get("gold_demonstration"), prompts))
+        return prompts
+
+    monkeypatch.setattr(workflow, "training_prompts", recording)
+    main(["train", "--model", str(model), "--dataset", str(task), *TASK_OPTIONS, "--gold-demonstration",
+          "--steps", "1", "--prompts-per-step", "4", "--micro-batch", "4", "--train-prompts", "16",
+          "--save-steps", "0", "--no-resume", "--output-dir", str(tmp_path / "run")])
+    (gold, prompts), = built
+    assert gold is True and all(p.gold in p.label_classes for p in prompts)
+    assert json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["settings"]["gold_demonstration"] is True

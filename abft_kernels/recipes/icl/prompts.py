@@ -244,11 +244,46 @@ def sample_prompts(builder: PromptBuilder, pool: Sequence[Example], queries: Seq
     return prompts
 
 
-def training_prompts(builder: PromptBuilder, pool: Sequence[Example], k: int, num_prompts: int,
-                     seed: int) -> List[ICLPrompt]:
-    """`num_prompts` prompts whose queries and demonstrations all come from the training pool."""
+def training_prompts(builder: PromptBuilder, pool: Sequence[Example], k: int, num_prompts: int, seed: int,
+                     gold_demonstration: bool = False) -> List[ICLPrompt]:
+    """`num_prompts` prompts whose queries and demonstrations all come from the training pool.
+
+    Args:
+        builder: builds each prompt's tokens.
+        pool: the training examples (queries and demonstrations).
+        k: demonstrations per prompt.
+        num_prompts: prompts to build (queries drawn with replacement).
+        seed: queries are drawn with `seed`, demonstrations with seed + 1.
+        gold_demonstration: False (the paper's): k demonstrations drawn uniformly, as `sample_prompts` does. True:
+            each prompt's demonstrations are drawn again until one of them has the query's class (uniform over the
+            draws that do). With more classes than demonstrations many uniform prompts have none (StaICC's TREC,
+            6 classes, k = 4: 43%), and on those the ABFT loss is A·S alone: it only pulls attention off the labels
+            (docs/results.md, "Prompts without a gold demonstration").
+
+    Raises:
+        ValueError: with gold_demonstration, when a drawn query's class has no other example in the pool.
+    """
     queries = random.Random(seed).choices(pool, k=num_prompts)
-    return sample_prompts(builder, pool, queries, k, seed + 1)
+    if not gold_demonstration:
+        return sample_prompts(builder, pool, queries, k, seed + 1)
+    if k < 1 or k >= len(pool):
+        raise ValueError(f"k must be in [1, {len(pool) - 1}] for a pool of {len(pool)} examples, got {k}")
+    per_class: Dict[int, int] = {}
+    for example in pool:
+        per_class[example.label] = per_class.get(example.label, 0) + 1
+    lonely = sorted({q.label for q in queries if per_class[q.label] < 2})
+    if lonely:
+        raise ValueError(f"gold_demonstration: class(es) {lonely} have a single example in the training pool, so a "
+                         f"query of that class can have no demonstration of its class")
+    rng = random.Random(seed + 1)
+    prompts = []
+    for query in queries:
+        while True:
+            demos = [d for d in rng.sample(pool, k + 1) if d is not query][:k]
+            if any(d.label == query.label for d in demos):
+                break
+        prompts.append(builder.build(demos, query))
+    return prompts
 
 
 class ICLCollator:
