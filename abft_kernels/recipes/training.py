@@ -128,8 +128,10 @@ def count_check(log_history: List[Dict[str, Any]]) -> CountCheck:
         warnings.append(ZERO_COUNT_WARNING)
     if collapsed:
         warnings.append(f"the counted heads collapsed: {end:.1f} per prompt at the last step, below a quarter of "
-                        f"the start ({start:.1f}); the loss lost its heads, so 'after' may show no gain "
-                        f"(docs/results.md, 'abft demo': lower --lr)")
+                        f"the start ({start:.1f}); the loss lost its heads, so 'after' may show no gain. Lower --lr "
+                        f"(docs/results.md, 'abft demo'); with more classes than demonstrations, many prompts hold no "
+                        f"demonstration of the gold class and their loss only pulls attention off the labels: "
+                        f"--gold-demonstration (docs/results.md, 'Prompts without a gold demonstration')")
     if exploded:
         warnings.append(f"the counted heads exploded: {end:.1f} per prompt at the last step, above {COUNT_GUARD:g} x "
                         f"the start ({start:.1f}); the controller did not hold the count (lower --lr)")

@@ -114,6 +114,7 @@ def test_count_check_band_collapse_and_explosion():
     assert not surge.within_band and "left the band" in surge.summary and surge.warnings == []
     collapse = count_check(log(16, 50, 20, 3.9))
     assert collapse.collapsed and len(collapse.warnings) == 1 and "collapsed" in collapse.warnings[0]
+    assert "--gold-demonstration" in collapse.warnings[0]  # what to do on a many-class task
     explode = count_check(log(16, 40, 65))
     assert explode.exploded and "exploded" in explode.warnings[0]
     with pytest.raises(ValueError, match="no ABFT training step"):
