@@ -10,6 +10,7 @@ example in StaICC's docstring of `write_prompt_from_dataline` (a contextual-cali
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from abft_kernels.recipes.icl import PROMPT_STYLES, Example, PromptBuilder, load_staicc, staicc_prompts
@@ -42,7 +43,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     root = Path(args.staicc_root)
     datasets = json.loads((root / "splits.json").read_text(encoding="utf-8"))["datasets"]
-    failures = 0
+    failures, unchecked = 0, []
     for name, spec in datasets.items():
         rows = [json.loads(line) for line in (root / spec["file"]).read_text(encoding="utf-8").split("\n") if line]
         task = load_staicc(name, root)
@@ -50,9 +51,9 @@ def main() -> None:
         for style in PROMPT_STYLES:
             try:
                 builders[style] = PromptBuilder(tokenizer, task.template, style=style)
-            except ValueError as error:
-                print(f"{name} [{style}]: {error}")
-                failures += 1
+            except ValueError as error:  # this tokenizer splits a label word: the style refuses it, as it should
+                print(f"{name} [{style}]: not checked: {error}")
+                unchecked.append(f"{name} [{style}]")
         mismatches = 0
         for j, prompt in enumerate(spec["prompts"]):
             expected = readme_prompt(spec, rows, prompt["demo_rows"], prompt["test_row"])
@@ -72,7 +73,11 @@ def main() -> None:
             same = builders["staicc"].text(demos, Example("", 0)) == STAICC_DOC_EXAMPLE
             print(f"StaICC's docstring example (content-free query \"\"): {'identical' if same else 'DIFFERENT'}")
             failures += not same
+    if unchecked:
+        print(f"not checked with this tokenizer, which splits their label words (another --model may keep them "
+              f"whole): {', '.join(unchecked)}")
     print("OK" if failures == 0 else f"FAILED: {failures} mismatches")
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def abft_training_arguments(output_dir: str, *, learning_rate: float = PAPER.lr,
         prompts_per_step: prompts per optimiser step over all processes.
         micro_batch: prompts per forward pass on each process.
         seed: Trainer seed (data order). save_steps: a checkpoint every this many steps (0: none), the last two kept.
-        overrides: any other TrainingArguments field.
+        overrides: any other TrainingArguments field. `bf16=True` on a machine without a CUDA or MPS device sets
+            `use_cpu=True` unless given (transformers refuses CPU bf16 otherwise; the Trainer runs on the CPU there
+            anyway).
 
     Returns:
         transformers.TrainingArguments.
@@ -71,6 +73,9 @@ def abft_training_arguments(output_dir: str, *, learning_rate: float = PAPER.lr,
     if save_steps:
         settings.update(save_strategy="steps", save_steps=save_steps, save_total_limit=2)
     settings.update(overrides)
+    if settings.get("bf16") and "use_cpu" not in overrides and not (
+            torch.cuda.is_available() or torch.backends.mps.is_available()):
+        settings["use_cpu"] = True
     return TrainingArguments(**settings)
 
 
@@ -397,6 +402,19 @@ def save_trained_weights(folder, tensors: Dict[str, torch.Tensor], config: Dict[
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
+def read_run_config(folder) -> Dict[str, Any]:
+    """The abft_config.json of an ABFT output or checkpoint folder (the run's settings, base model, LoRA layout).
+
+    Raises:
+        ValueError: the folder holds no abft_config.json (missing, or not an ABFT output or checkpoint folder).
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no {CONFIG_FILE}: not an ABFT output or checkpoint folder (a run that is "
+                         f"still training writes it at its first checkpoint and at the end)")
+    return json.loads(path.read_text())
+
+
 def load_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
     """Copy the saved tensors into `model` (whose LoRA adapters, if any, already exist); returns the config.
 
@@ -406,7 +424,7 @@ def load_trained_weights(model: torch.nn.Module, folder) -> Dict[str, Any]:
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise ValueError(f"{folder} holds no {WEIGHTS_FILE}: not an ABFT output or checkpoint folder")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    config = read_run_config(folder)
     tensors = load_file(str(folder / WEIGHTS_FILE))
     # torch's loader for plain, DDP and FSDP-wrapped modules; strict=False because only Q/K tensors are given.
     result = set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))

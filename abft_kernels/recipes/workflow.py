@@ -12,7 +12,6 @@ export: a train output folder as a plain transformers folder and, for LoRA runs,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -102,15 +101,17 @@ def held_out_settings(given: dict, saved: dict) -> DataSettings:
 
     Raises:
         ValueError: a given split setting differs from the run's (the held-out prompts would overlap the
-            training pool), or more held-out prompts than the run held out.
+            training pool), or more held-out prompts than the run held out (except on StaICC's data, whose test
+            prompts, up to its 1024, never meet the calibration split that training draws from).
     """
     run = run_settings(saved)
     for name in SPLIT_SETTINGS:
         if name in given and run.get(name) is not None and given[name] != run[name]:
             raise ValueError(f"--{name.replace('_', '-')} {given[name]!r} differs from the training run's "
                              f"{run[name]!r}: the held-out prompts would overlap the training pool")
+    staicc = str(run.get("dataset", "")).startswith("staicc:")
     if given.get("eval_prompts") is not None and run.get("eval_prompts") is not None \
-            and given["eval_prompts"] > run["eval_prompts"]:
+            and given["eval_prompts"] > run["eval_prompts"] and not staicc:
         raise ValueError(f"--eval-prompts {given['eval_prompts']} exceeds the training run's held-out set "
                          f"({run['eval_prompts']} examples)")
     kept = ("model", "load_in_4bit", "k", "eval_prompts", "prompt_style", "staicc_root", "loss_row") + SPLIT_SETTINGS
@@ -261,10 +262,10 @@ def run_train(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     """`abft eval`: accuracy and label attention before (and after applying --weights) on the held-out set."""
     from .models import load_model
-    from .training import CONFIG_FILE, apply_trained_weights
+    from .training import apply_trained_weights, read_run_config
 
     given = given_settings(args, DataSettings)
-    saved = json.loads((Path(args.weights) / CONFIG_FILE).read_text()) if args.weights else {}
+    saved = read_run_config(args.weights) if args.weights else {}
     settings = held_out_settings(given, saved) if saved else replace(data_settings(PAPER), **given)
     device = setup_device(args.device, args.threads)
     model, tokenizer = load_model(settings.model, device=device, load_in_4bit=settings.load_in_4bit)
@@ -342,9 +343,9 @@ def export_run(weights, output_dir, adapter_dir=None, device: str = "cpu") -> Pa
     """
     from ..export import export_peft_adapter, export_pretrained
     from .models import load_model
-    from .training import CONFIG_FILE, apply_trained_weights
+    from .training import apply_trained_weights, read_run_config
 
-    config = json.loads((Path(weights) / CONFIG_FILE).read_text())
+    config = read_run_config(weights)
     if (config.get("settings") or {}).get("load_in_4bit") or config.get("load_in_4bit"):  # (older runs: flat)
         raise ValueError(f"{weights} was trained on a 4-bit model: a merged export would round the merged weights; "
                          "export its adapter with export_peft_adapter on the loaded model")

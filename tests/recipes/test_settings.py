@@ -4,7 +4,7 @@ from dataclasses import fields, replace
 
 import pytest
 
-from abft_kernels.recipes.cli import build_parser
+from abft_kernels.recipes.cli import build_parser, main
 from abft_kernels.loss import FixedA, PIDController, SetpointController, make_controller
 from abft_kernels.recipes.settings import (DEMO, PAPER, QUICK, SPLIT_SETTINGS, ABFTSettings, DataSettings, data_settings,
                                    given_settings)
@@ -71,7 +71,19 @@ def test_held_out_settings_take_the_runs_split_and_refuse_other_ones():
         held_out_settings({"seed": 4}, saved)
     with pytest.raises(ValueError, match="exceeds the training run's held-out set"):
         held_out_settings({"eval_prompts": 201}, saved)
+    # StaICC: the test prompts (up to 1024) are fixed and training draws from the calibration split
+    staicc = {**saved, "settings": {**saved["settings"], "dataset": "staicc:mr", "eval_prompts": 512}}
+    assert held_out_settings({"eval_prompts": 1024}, staicc).eval_prompts == 1024
 
+
+
+def test_eval_and_export_refuse_a_folder_without_a_run(tmp_path):
+    """`abft eval --weights` and `abft export --weights` on a folder without abft_config.json (a typo, or a run that
+    has not saved yet): a ValueError naming the folder, before any model is loaded."""
+    for argv in (["eval", "--weights", str(tmp_path)],
+                 ["export", "--weights", str(tmp_path), "--output-dir", str(tmp_path / "plain")]):
+        with pytest.raises(ValueError, match=f"{tmp_path} holds no abft_config.json"):
+            main(argv)
 
 def test_controllers():
     assert type(make_controller(PAPER)) is PIDController

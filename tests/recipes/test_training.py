@@ -173,3 +173,14 @@ def test_train_ablations(tmp_path, ablation, flags):
     if "--count-all-heads" in flags:
         # a random model's heads rarely pass S > T, but every head is in the loss: it is never 0
         assert saved["count_all_heads"] and all(h["abft_loss"] > 0 for h in steps)
+
+
+def test_bf16_training_arguments_run_on_a_machine_without_a_gpu(tmp_path, monkeypatch):
+    """abft_training_arguments(bf16=True) as README's Trainer example writes it: without a CUDA or MPS device it sets
+    use_cpu (transformers refuses CPU bf16 otherwise); a given use_cpu is kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert abft_training_arguments(str(tmp_path), bf16=True).use_cpu
+    assert not abft_training_arguments(str(tmp_path)).use_cpu  # fp32: nothing to decide
+    with pytest.raises(ValueError, match="use_cpu"):  # what transformers says when told not to use the CPU
+        abft_training_arguments(str(tmp_path), bf16=True, use_cpu=False)
