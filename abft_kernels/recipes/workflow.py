@@ -109,9 +109,8 @@ def held_out_settings(given: dict, saved: dict) -> DataSettings:
         if name in given and run.get(name) is not None and given[name] != run[name]:
             raise ValueError(f"--{name.replace('_', '-')} {given[name]!r} differs from the training run's "
                              f"{run[name]!r}: the held-out prompts would overlap the training pool")
-    staicc = str(run.get("dataset", "")).startswith("staicc:")
     if given.get("eval_prompts") is not None and run.get("eval_prompts") is not None \
-            and given["eval_prompts"] > run["eval_prompts"] and not staicc:
+            and given["eval_prompts"] > run["eval_prompts"] and not is_staicc_source(run.get("dataset", "")):
         raise ValueError(f"--eval-prompts {given['eval_prompts']} exceeds the training run's held-out set "
                          f"({run['eval_prompts']} examples)")
     kept = ("model", "load_in_4bit", "k", "eval_prompts", "prompt_style", "staicc_root", "loss_row") + SPLIT_SETTINGS

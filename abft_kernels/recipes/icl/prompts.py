@@ -230,16 +230,33 @@ class PromptBuilder:
 
 
 def sample_prompts(builder: PromptBuilder, pool: Sequence[Example], queries: Sequence[Example], k: int,
-                   seed: int) -> List[ICLPrompt]:
+                   seed: int, gold_demonstration: bool = False) -> List[ICLPrompt]:
     """One prompt per query, with k demonstrations drawn uniformly at random (not class-balanced) from
-    `pool`, never the query itself."""
+    `pool`, never the query itself; with `gold_demonstration`, drawn again until one of them has the query's class
+    (uniform over the draws that do).
+
+    Raises:
+        ValueError: k outside [1, len(pool) - 1]; with gold_demonstration, a query whose class has no other example
+            in the pool.
+    """
     if k < 1 or k >= len(pool):
         raise ValueError(f"k must be in [1, {len(pool) - 1}] for a pool of {len(pool)} examples, got {k}")
+    if gold_demonstration:
+        per_class: Dict[int, int] = {}
+        for example in pool:
+            per_class[example.label] = per_class.get(example.label, 0) + 1
+        in_pool = {id(example) for example in pool}
+        lonely = sorted({q.label for q in queries if per_class.get(q.label, 0) - (id(q) in in_pool) < 1})
+        if lonely:
+            raise ValueError(f"gold_demonstration: class(es) {lonely} have a single example in the training pool, "
+                             f"so a query of that class can have no demonstration of its class")
     rng = random.Random(seed)
     prompts = []
     for query in queries:
-        demos = rng.sample(pool, k + 1)
-        demos = [d for d in demos if d is not query][:k]
+        while True:
+            demos = [d for d in rng.sample(pool, k + 1) if d is not query][:k]
+            if not gold_demonstration or any(d.label == query.label for d in demos):
+                break
         prompts.append(builder.build(demos, query))
     return prompts
 
@@ -254,36 +271,17 @@ def training_prompts(builder: PromptBuilder, pool: Sequence[Example], k: int, nu
         k: demonstrations per prompt.
         num_prompts: prompts to build (queries drawn with replacement).
         seed: queries are drawn with `seed`, demonstrations with seed + 1.
-        gold_demonstration: False (the paper's): k demonstrations drawn uniformly, as `sample_prompts` does. True:
-            each prompt's demonstrations are drawn again until one of them has the query's class (uniform over the
-            draws that do). With more classes than demonstrations many uniform prompts have none (StaICC's TREC,
-            6 classes, k = 4: 43%), and on those the ABFT loss is A·S alone: it only pulls attention off the labels
-            (docs/results.md, "Prompts without a gold demonstration").
+        gold_demonstration: False (the paper's): k demonstrations drawn uniformly. True: each prompt's
+            demonstrations are drawn again until one of them has the query's class (`sample_prompts`). With more
+            classes than demonstrations many uniform prompts have none (StaICC's TREC, 6 classes, k = 4: 43%), and
+            on those the ABFT loss is A·S alone: it only pulls attention off the labels (docs/results.md, "Prompts
+            without a gold demonstration").
 
     Raises:
-        ValueError: with gold_demonstration, when a drawn query's class has no other example in the pool.
+        ValueError: from `sample_prompts`.
     """
     queries = random.Random(seed).choices(pool, k=num_prompts)
-    if not gold_demonstration:
-        return sample_prompts(builder, pool, queries, k, seed + 1)
-    if k < 1 or k >= len(pool):
-        raise ValueError(f"k must be in [1, {len(pool) - 1}] for a pool of {len(pool)} examples, got {k}")
-    per_class: Dict[int, int] = {}
-    for example in pool:
-        per_class[example.label] = per_class.get(example.label, 0) + 1
-    lonely = sorted({q.label for q in queries if per_class[q.label] < 2})
-    if lonely:
-        raise ValueError(f"gold_demonstration: class(es) {lonely} have a single example in the training pool, so a "
-                         f"query of that class can have no demonstration of its class")
-    rng = random.Random(seed + 1)
-    prompts = []
-    for query in queries:
-        while True:
-            demos = [d for d in rng.sample(pool, k + 1) if d is not query][:k]
-            if any(d.label == query.label for d in demos):
-                break
-        prompts.append(builder.build(demos, query))
-    return prompts
+    return sample_prompts(builder, pool, queries, k, seed + 1, gold_demonstration=gold_demonstration)
 
 
 class ICLCollator:
