@@ -76,7 +76,6 @@ def test_held_out_settings_take_the_runs_split_and_refuse_other_ones():
     assert held_out_settings({"eval_prompts": 1024}, staicc).eval_prompts == 1024
 
 
-
 def test_eval_and_export_refuse_a_folder_without_a_run(tmp_path):
     """`abft eval --weights` and `abft export --weights` on a folder without abft_config.json (a typo, or a run that
     has not saved yet): a ValueError naming the folder, before any model is loaded."""
@@ -84,6 +83,7 @@ def test_eval_and_export_refuse_a_folder_without_a_run(tmp_path):
                  ["export", "--weights", str(tmp_path), "--output-dir", str(tmp_path / "plain")]):
         with pytest.raises(ValueError, match=f"{tmp_path} holds no abft_config.json"):
             main(argv)
+
 
 def test_controllers():
     assert type(make_controller(PAPER)) is PIDController

@@ -34,6 +34,7 @@ A label word that does not map to one read-out token and one label token raises 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -242,11 +243,9 @@ def sample_prompts(builder: PromptBuilder, pool: Sequence[Example], queries: Seq
     if k < 1 or k >= len(pool):
         raise ValueError(f"k must be in [1, {len(pool) - 1}] for a pool of {len(pool)} examples, got {k}")
     if gold_demonstration:
-        per_class: Dict[int, int] = {}
-        for example in pool:
-            per_class[example.label] = per_class.get(example.label, 0) + 1
+        per_class = Counter(example.label for example in pool)
         in_pool = {id(example) for example in pool}
-        lonely = sorted({q.label for q in queries if per_class.get(q.label, 0) - (id(q) in in_pool) < 1})
+        lonely = sorted({q.label for q in queries if per_class[q.label] - (id(q) in in_pool) < 1})
         if lonely:
             raise ValueError(f"gold_demonstration: class(es) {lonely} have a single example in the training pool, "
                              f"so a query of that class can have no demonstration of its class")
